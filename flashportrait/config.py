@@ -1,0 +1,70 @@
+"""One home for every released size and default (SPEC.md sections 2, 4, 5, 7).
+
+Inference, training, tests and tools import these names instead of repeating numbers.
+"""
+
+from __future__ import annotations
+
+# --- expression features (SPEC.md section 2) -------------------------------------------------------
+#: PD-FGC output parts, in the order they are concatenated per frame
+EXPRESSION_PARTS: tuple[tuple[str, int], ...] = (("headpose", 6), ("eye", 6), ("emotion", 30), ("mouth", 512))
+EXPRESSION_DIM = sum(n for _, n in EXPRESSION_PARTS)  # 554 numbers per video frame
+#: 5-point alignment template (x, y) on the 224 x 224 PD-FGC crop: left eye, right eye, nose, left/right mouth
+FACE_CROP_SIZE = 224
+FACE_TEMPLATE_5PTS = (
+    (0.3843, 0.27),
+    (0.62, 0.2668),
+    (0.503, 0.4185),
+    (0.406, 0.5273),
+    (0.5977, 0.525),
+)
+
+# --- portrait encoder / expression tokens ----------------------------------------------------------
+TOKENS_PER_FRAME = 24  # 4 linear + 16 mouth-resampler + 4 emotion-resampler tokens per video frame
+EXPRESSION_TOKEN_DIM = 2048
+WINDOW_TOKENS = 97  # tokens each latent frame attends to (96 of its 4 video frames + 1 before)
+
+# --- Wan2.1 I2V --------------------------------------------------------------------------------------
+VAE_TEMPORAL_FACTOR = 4
+VAE_SPATIAL_FACTOR = 8
+LATENT_CHANNELS = 16
+CLIP_IMAGE_TOKENS = 257
+CLIP_IMAGE_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEXT_MAX_LENGTH = 512
+NUM_TRAIN_TIMESTEPS = 1000
+
+#: released Wan2.1-I2V-14B-720P transformer, as diffusers config
+WAN_I2V_14B_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=36,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=1280,
+    added_kv_proj_dim=5120,
+)
+
+# --- sampling defaults (the authors' README / scripts) ---------------------------------------------
+DEFAULT_NUM_INFERENCE_STEPS = 30
+DEFAULT_SHIFT = 5.0
+DEFAULT_CONTEXT_SIZE = 51  # latent frames per window (= 201 video frames)
+DEFAULT_CONTEXT_OVERLAP = 30  # latent frames
+DEFAULT_EMO_CFG_SCALE = 4.0
+DEFAULT_TEXT_CFG_SCALE = 1.0
+DEFAULT_MAX_SIZE = 720
+DEFAULT_PROMPT = "The protagonist is talking"
+DEFAULT_NEGATIVE_PROMPT = (
+    "Vivid tones, overexposed, static, blurred details, subtitles, style, artwork, painting, picture, still, "
+    "overall grayish, worst quality, low quality, JPEG artifacts, ugly, deformed, extra fingers, poorly drawn "
+    "hands, poorly drawn face, malformed, disfigured, deformed limbs, fused fingers, still picture, cluttered "
+    "background, three legs, many people in the background, walking backwards"
+)
