@@ -23,11 +23,13 @@ import torch
 __all__ = [
     "CheckpointError",
     "read_state_dict",
+    "list_checkpoint_keys",
     "unwrap_state_dict",
     "check_state_dict",
     "load_state_dict_strict",
     "empty_model",
     "format_key_report",
+    "expected_shapes",
 ]
 
 #: wrapper keys some trainers put around a state dict (``{"state_dict": {...}}``, DeepSpeed's ``module``)
@@ -48,14 +50,39 @@ def _as_path(path: str | os.PathLike) -> Path:
     return Path(os.fspath(path)).expanduser()
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = [k for k in f.keys() if keys is None or k in keys]
+            return {k: f.get_tensor(k) for k in names}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}).") from exc
+
+
+def list_checkpoint_keys(path: str | os.PathLike) -> list[str]:
+    """Names of the tensors in a checkpoint without reading them (torch files are memory-mapped).
+
+    Accepts the same paths as :func:`read_state_dict`. Raises :class:`CheckpointError` likewise.
+    """
+    path = _as_path(path)
+    if path.is_dir():
+        return list_checkpoint_keys(_single_checkpoint_in(path))
+    if path.name.endswith(".index.json"):
+        try:
+            return list(json.loads(path.read_text())["weight_map"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a valid sharded-checkpoint index ({exc}).") from exc
+    if path.name.endswith(".safetensors") and path.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc}).") from exc
+    return list(read_state_dict(path))
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -77,13 +104,15 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(obj, path)
 
 
-def _read_index(index_path: Path) -> dict[str, torch.Tensor]:
+def _read_index(index_path: Path, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
     try:
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index ({exc}).") from exc
     state_dict: dict[str, torch.Tensor] = {}
+    if keys is not None:
+        weight_map = {k: v for k, v in weight_map.items() if k in keys}
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         shard_path = index_path.parent / shard
@@ -92,8 +121,10 @@ def _read_index(index_path: Path) -> dict[str, torch.Tensor]:
                 f"{index_path}: lists shard '{shard}', which is not in {index_path.parent}. "
                 "Download every shard of the checkpoint into the same folder."
             )
-        part = read_state_dict(shard_path)
+        part = _read_safetensors(shard_path, set(weight_map)) if shard.endswith(".safetensors") else _read_torch(shard_path)
         for name, tensor in part.items():
+            if keys is not None and name not in weight_map:
+                continue
             if name in state_dict:
                 raise CheckpointError(f"{index_path}: key '{name}' occurs in more than one shard.")
             state_dict[name] = tensor
@@ -136,13 +167,15 @@ def unwrap_state_dict(obj: object, path: str | os.PathLike = "<state dict>") -> 
     )
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint into a flat ``{name: tensor}`` dict on the CPU, memory-mapped where possible.
 
     Args:
         path: a ``.safetensors`` file, a ``*.safetensors.index.json`` / ``*.bin.index.json`` sharded index,
             a ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` torch file (optionally wrapped in ``state_dict``), or
             a folder that holds exactly one of these (an index is preferred over its shards).
+        keys: read only these names (others are not loaded from safetensors files; torch files are
+            memory-mapped, so unread tensors cost nothing either). Names absent from the file are ignored.
 
     Returns:
         Tensors in the dtype stored in the file (nothing is converted or copied here).
@@ -151,17 +184,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         CheckpointError: the path does not exist, the format is unknown, or the file is unreadable.
     """
     path = _as_path(path)
+    wanted = None if keys is None else set(keys)
     if path.is_dir():
-        return read_state_dict(_single_checkpoint_in(path))
+        return read_state_dict(_single_checkpoint_in(path), wanted)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file. Check the path (and that the download finished).")
     name = path.name
     if name.endswith(".index.json"):
-        return _read_index(path)
+        return _read_index(path, wanted)
     if name.endswith(".safetensors"):
-        return _read_safetensors(path)
+        return _read_safetensors(path, wanted)
     if name.endswith(TORCH_SUFFIXES):
-        return _read_torch(path)
+        state_dict = _read_torch(path)
+        return state_dict if wanted is None else {k: v for k, v in state_dict.items() if k in wanted}
     raise CheckpointError(
         f"{path}: unknown checkpoint format; expected .safetensors, a .index.json of shards, or a torch "
         f"file ({', '.join(TORCH_SUFFIXES)})."

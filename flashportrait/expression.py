@@ -1,0 +1,411 @@
+"""Driving video -> 554 expression numbers per frame (SPEC.md section 2).
+
+Pipeline of `extract_expression_features`:
+
+1. decode the video (PyAV, rotation applied) and detect faces with 5 points in every frame used
+   (`flashportrait.face.detector`, RetinaFace by default);
+2. follow one face, fill the frames where it was missed by interpolation, smooth the points over time
+   (`flashportrait.face.tracking`); a video without a usable face stops with an error naming the file and
+   the frames;
+3. decode again, align each frame onto the 224x224 template (Umeyama similarity, bicubic), scale to [-1, 1]
+   (`flashportrait.face.align`) and run the PD-FGC motion encoder in batches.
+
+The result has exactly one row per video frame used, in order (`frame_indices` says which source frames).
+
+Cache
+    With `cache=True` the result is stored as `<video name>.expression-<key>.pt` next to the video, where
+    the key hashes the video's bytes, every setting that changes the numbers (detector and its settings,
+    frame selection, smoothing) and the motion encoder's weights. A second run with the same inputs loads
+    it instead of extracting. If the video's folder is not writable (e.g. a read-only share), the cache
+    goes to `$FLASHPORTRAIT_CACHE_DIR` or `~/.cache/flashportrait/expression/`; if that fails too, the run
+    continues without a cache (one log line). Cache files are written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flashportrait.config import EXPRESSION_DIM, EXPRESSION_PARTS, FACE_CROP_SIZE
+from flashportrait.face.align import align_face, to_model_input
+from flashportrait.face.detector import FaceDetector, create_detector
+from flashportrait.face.tracking import frame_ranges, track_face
+from flashportrait.video_io import frame_timestamps, iter_frames, probe_video, resample_indices
+
+__all__ = [
+    "ExpressionFeatures",
+    "extract_expression_features",
+    "iter_aligned_crops",
+    "encoder_identity",
+    "default_cache_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+#: bump when the extraction changes in a way that invalidates old cache files
+CACHE_VERSION = 1
+
+
+@dataclass
+class ExpressionFeatures:
+    """Expression features of a driving video.
+
+    Attributes:
+        features: float32 [N, 554] per frame: head pose 6, eye 6, emotion 30, mouth 512 (`EXPRESSION_PARTS`).
+        fps: frames per second of these N frames (the video's rate, or the requested `target_fps`).
+        frame_indices: int64 [N] index of the source video frame each row comes from (0-based, display order).
+        landmarks: float32 [N, 5, 2] (x, y) source-frame pixels used for the alignment (filled and smoothed).
+        detected: bool [N], False where the points were interpolated because no face was detected.
+        video_path: the video the features come from.
+        num_source_frames: frames decoded from the video (before any `max_frames` / resampling choice).
+        settings: the settings that produced the features (also the cache key's input).
+    """
+
+    features: torch.Tensor
+    fps: float
+    frame_indices: torch.Tensor
+    landmarks: torch.Tensor
+    detected: torch.Tensor
+    video_path: str = ""
+    num_source_frames: int = 0
+    settings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def num_interpolated(self) -> int:
+        """Rows whose face points were interpolated instead of detected."""
+        return int((~self.detected).sum())
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The features split into named parts: {"headpose": [N, 6], "eye": [N, 6], "emotion": [N, 30], "mouth": [N, 512]}."""
+        out, start = {}, 0
+        for name, size in EXPRESSION_PARTS:
+            out[name] = self.features[:, start : start + size]
+            start += size
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "features": self.features,
+            "fps": float(self.fps),
+            "frame_indices": self.frame_indices,
+            "landmarks": self.landmarks,
+            "detected": self.detected,
+            "video_path": self.video_path,
+            "num_source_frames": int(self.num_source_frames),
+            "settings": self.settings,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to a torch file (atomically: temp file in the same folder, then rename)."""
+        _atomic_torch_save(self.to_dict(), Path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ExpressionFeatures:
+        """Read a file written by `save`."""
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+        missing = {"features", "fps", "frame_indices", "landmarks", "detected"} - set(data)
+        if missing:
+            raise ValueError(f"{path}: not an expression-features file (missing {sorted(missing)})")
+        feats = data["features"]
+        if feats.ndim != 2 or feats.shape[1] != EXPRESSION_DIM or len(data["frame_indices"]) != len(feats):
+            raise ValueError(f"{path}: features of shape {tuple(feats.shape)}, expected [N, {EXPRESSION_DIM}]")
+        return cls(**{k: data[k] for k in data if k in cls.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cache helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Fallback cache folder: `$FLASHPORTRAIT_CACHE_DIR`, else `$XDG_CACHE_HOME/flashportrait/expression`."""
+    if os.environ.get("FLASHPORTRAIT_CACHE_DIR"):
+        return Path(os.environ["FLASHPORTRAIT_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "flashportrait" / "expression"
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encoder_identity(module: nn.Module) -> str:
+    """A string that changes when the encoder's weights change.
+
+    Uses `module.weights_identity` if the loader set one (e.g. path + size + mtime of the weights file),
+    else a SHA-256 over the class name and every parameter and buffer.
+    """
+    ident = getattr(module, "weights_identity", None)
+    if ident:
+        return f"{type(module).__name__}:{ident}"
+    h = hashlib.sha256(type(module).__name__.encode())
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"{type(module).__name__}:sha256:{h.hexdigest()}"
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cache_candidates(video: Path, key: str, cache_dir: str | os.PathLike | None) -> list[Path]:
+    name = f"{video.name}.expression-{key[:16]}.pt"
+    if cache_dir is not None:
+        return [Path(cache_dir) / name]
+    # in the fallback folder, two videos of one name elsewhere must not collide: the key covers the content
+    return [video.parent / name, default_cache_dir() / name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# extraction
+# ---------------------------------------------------------------------------------------------------------
+
+
+def iter_aligned_crops(
+    video_path: str | os.PathLike,
+    landmarks: np.ndarray | torch.Tensor,
+    frame_indices: np.ndarray | torch.Tensor,
+    *,
+    size: int = FACE_CROP_SIZE,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Decode the chosen frames and warp each onto the template.
+
+    Args:
+        video_path: the video.
+        landmarks: float [N, 5, 2] source-frame points, one set per row of `frame_indices`.
+        frame_indices: int [N] source frame indices, sorted ascending (repeats allowed).
+        size: crop side in pixels.
+
+    Yields:
+        (crop uint8 [size, size, 3] RGB, matrix float64 [2, 3] source pixels -> crop pixels), N times.
+    """
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    frame_indices = np.asarray(frame_indices, dtype=np.int64)
+    count = 0
+    for row, frame in enumerate(iter_frames(video_path, indices=frame_indices)):
+        yield align_face(frame, landmarks[row], size)
+        count += 1
+    if count != len(frame_indices):
+        raise RuntimeError(
+            f"{video_path}: decoded {count} of the {len(frame_indices)} frames asked for (the file changed or is "
+            "truncated?). Delete its expression cache file and run again."
+        )
+
+
+def _run_encoder(motion_encoder: nn.Module, crops: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x = to_model_input(np.stack(crops), device=device, dtype=dtype)
+    out = motion_encoder(x)
+    if out.ndim != 2 or out.shape != (len(crops), EXPRESSION_DIM):
+        raise ValueError(
+            f"the motion encoder returned shape {tuple(out.shape)} for {len(crops)} faces; expected "
+            f"[{len(crops)}, {EXPRESSION_DIM}] (head pose 6, eye 6, emotion 30, mouth 512)"
+        )
+    return out.detach().to("cpu", torch.float32)
+
+
+def extract_expression_features(
+    video_path: str | os.PathLike,
+    motion_encoder: nn.Module,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+    detector: FaceDetector | None = None,
+    max_frames: int | None = None,
+    target_fps: float | None = None,
+    smooth_sigma: float = 1.0,
+    max_gap_s: float = 2.0,
+    min_detected_fraction: float = 0.5,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ExpressionFeatures:
+    """Expression features [N, 554] for the frames of a driving video.
+
+    Args:
+        video_path: the driving video (any format FFmpeg reads; rotation metadata honoured).
+        motion_encoder: the PD-FGC motion encoder (`flashportrait.models.motion_encoder`), or any module
+            mapping [B, 3, 224, 224] RGB in [-1, 1] to [B, 554]. It is moved to `device` and set to eval mode.
+        device: where the encoder runs.
+        batch_size: faces per encoder call.
+        detector: face detector (default: `create_detector("retinaface")`).
+        max_frames: use only the first `max_frames` frames (after resampling, if `target_fps` is set).
+        target_fps: resample to this constant rate by timestamps (frames repeated or skipped; see
+            `frame_indices`). None: every decoded frame, at the video's average rate. Use it for variable-
+            frame-rate videos (a warning says so).
+        smooth_sigma: temporal smoothing of the face points, in frames (0: none).
+        max_gap_s: longest stretch without a detected face that is filled by interpolation, in seconds.
+        min_detected_fraction: stop if the face is detected in fewer frames than this fraction.
+        cache: load / store the result in a cache file (see the module docstring).
+        cache_dir: put the cache file here instead of next to the video.
+        progress: show progress bars.
+
+    Returns:
+        `ExpressionFeatures` with one row per frame used.
+
+    Raises:
+        flashportrait.video_io.VideoReadError: unreadable video.
+        flashportrait.face.NoFaceError / FaceTrackingError: no face, or too few frames with one.
+    """
+    video = Path(video_path)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
+    if target_fps is not None and target_fps <= 0:
+        raise ValueError(f"target_fps must be > 0 frames per second or None, got {target_fps}")
+    info = probe_video(video)
+    detector = detector if detector is not None else create_detector("retinaface")
+    device = torch.device(device)
+
+    settings = {
+        "version": CACHE_VERSION,
+        "detector": detector.identity(),
+        "max_frames": max_frames,
+        "target_fps": target_fps,
+        "smooth_sigma": smooth_sigma,
+        "max_gap_s": max_gap_s,
+        "min_detected_fraction": min_detected_fraction,
+        "crop_size": FACE_CROP_SIZE,
+    }
+    candidates: list[Path] = []
+    if cache:
+        key_src = {"video_sha256": _file_sha256(video), "settings": settings, "encoder": encoder_identity(motion_encoder)}
+        key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()
+        candidates = _cache_candidates(video, key, cache_dir)
+        for path in candidates:
+            if path.is_file():
+                try:
+                    result = ExpressionFeatures.load(path)
+                    logger.info("%s: expression features loaded from cache %s", video, path)
+                    return result
+                except Exception as err:  # noqa: BLE001 - a broken cache file is recomputed, not fatal
+                    logger.warning("%s: ignoring unreadable cache file %s (%s)", video, path, err)
+
+    # --- which source frames ----------------------------------------------------------------------------
+    if target_fps is not None:
+        selected = resample_indices(frame_timestamps(video), target_fps)
+        if max_frames is not None:
+            selected = selected[:max_frames]
+        fps = float(target_fps)
+        decode_indices = np.unique(selected)
+    else:
+        if info.is_vfr:
+            logger.warning(
+                "%s has a variable frame rate; using every frame at the average %.3f fps. Pass target_fps "
+                "for constant-rate resampling by timestamps.", video, info.fps,
+            )
+        selected = None
+        fps = info.fps
+        decode_indices = None
+
+    # --- pass 1: detection ------------------------------------------------------------------------------
+    total = len(decode_indices) if decode_indices is not None else min(info.num_frames, max_frames or info.num_frames)
+    detections = []
+    batch: list[np.ndarray] = []
+    bar = tqdm(total=total, desc=f"detect faces ({video.name})", unit="frame", disable=not progress)
+    frames_iter = iter_frames(video, max_frames=max_frames if selected is None else None, indices=decode_indices)
+    for frame in frames_iter:
+        batch.append(frame)
+        if len(batch) == 8:
+            detections.extend(detector.detect_batch(batch))
+            bar.update(len(batch))
+            batch = []
+    if batch:
+        detections.extend(detector.detect_batch(batch))
+        bar.update(len(batch))
+    bar.close()
+    if selected is None:
+        decode_indices = np.arange(len(detections), dtype=np.int64)
+        selected = decode_indices
+    elif len(detections) != len(decode_indices):
+        raise RuntimeError(f"{video}: decoded {len(detections)} of {len(decode_indices)} frames; is the file truncated?")
+
+    # --- tracking ---------------------------------------------------------------------------------------
+    track = track_face(
+        detections,
+        source=str(video),
+        smooth_sigma=smooth_sigma,
+        max_gap=max(1, int(round(max_gap_s * fps))),
+        min_detected_fraction=min_detected_fraction,
+    )
+    if track.num_interpolated:
+        logger.info(
+            "%s: no face detected in %d of %d frames (%s); their points were interpolated.",
+            video, track.num_interpolated, len(track), frame_ranges(decode_indices[track.interpolated_frames]),
+        )
+
+    # --- pass 2: align + encode -------------------------------------------------------------------------
+    motion_encoder = motion_encoder.to(device).eval()
+    param = next(motion_encoder.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    outputs: list[torch.Tensor] = []
+    crops: list[np.ndarray] = []
+    bar = tqdm(total=len(decode_indices), desc="encode expressions", unit="frame", disable=not progress)
+    with torch.inference_mode():
+        for crop, _ in iter_aligned_crops(video, track.landmarks, decode_indices):
+            crops.append(crop)
+            if len(crops) == batch_size:
+                outputs.append(_run_encoder(motion_encoder, crops, device, dtype))
+                bar.update(len(crops))
+                crops = []
+        if crops:
+            outputs.append(_run_encoder(motion_encoder, crops, device, dtype))
+            bar.update(len(crops))
+    bar.close()
+    unique_feats = torch.cat(outputs)
+
+    # unique decoded frames -> selected rows (identity unless resampling repeated frames)
+    rows = np.searchsorted(decode_indices, selected)
+    rows_t = torch.from_numpy(rows)
+    result = ExpressionFeatures(
+        features=unique_feats[rows_t].contiguous(),
+        fps=fps,
+        frame_indices=torch.from_numpy(np.asarray(selected, dtype=np.int64)),
+        landmarks=torch.from_numpy(track.landmarks[rows]),
+        detected=torch.from_numpy(track.detected[rows]),
+        video_path=str(video),
+        num_source_frames=int(info.num_frames),
+        settings=settings,
+    )
+
+    for path in candidates:
+        try:
+            result.save(path)
+            logger.info("%s: expression features cached in %s", video, path)
+            break
+        except OSError as err:
+            logger.info("%s: cannot write cache file %s (%s)", video, path, err)
+    else:
+        if candidates:
+            logger.info("%s: running without an expression cache (no writable cache folder).", video)
+    return result

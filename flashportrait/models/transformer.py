@@ -1,0 +1,387 @@
+"""The FlashPortrait transformer: Wan2.1-I2V with a Normalized Facial Expression Block in every block.
+
+Diffusers' Wan model is extended the way diffusers extends itself (Wan-Animate, VACE): subclasses of
+the model, the block, the attention module and its processor, with the new inputs threaded through as
+explicit forward arguments (``expression_tokens``, ``expression_scale``) instead of state stashed on
+modules.
+
+NFEB (SPEC.md section 2; paper section 3.2), inside the cross-attention of every block, with ``q`` the
+normed cross-attention query:
+
+1. ``x = CA_text(q) + CA_image(q)`` (image tokens are the first ``num_image_tokens`` context tokens);
+2. ``e`` = per-frame attention of each latent frame's video tokens to its own 97 expression tokens,
+   keys / values from ``emo_k_proj`` / ``emo_v_proj`` (no key norm);
+3. ``e' = (e - mean(e)) * std(x) / (std(e) + 1e-5) + mean(x)``, statistics per sample over all tokens
+   and channels, std unbiased;
+4. ``out = to_out(x + scale * e')`` with a per-sample ``scale`` (1: conditional, 0: "no expression").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    WanAttnProcessor,
+    WanTransformer3DModel,
+    WanTransformerBlock,
+    _get_added_kv_projections,
+    _get_qkv_projections,
+)
+from diffusers.utils import apply_lora_scale
+
+from ..config import CLIP_IMAGE_TOKENS, EXPRESSION_TOKEN_DIM
+
+__all__ = [
+    "FlashPortraitAttnProcessor",
+    "FlashPortraitAttention",
+    "FlashPortraitTransformerBlock",
+    "FlashPortraitTransformer3DModel",
+    "renormalize_to_reference",
+    "expand_expression_scale",
+]
+
+NFEB_EPS = 1e-5
+
+
+def renormalize_to_reference(e: torch.Tensor, x: torch.Tensor, eps: float = NFEB_EPS) -> torch.Tensor:
+    """Shift and scale ``e`` to the mean and standard deviation of ``x`` (NFEB step 3, SPEC.md section 2).
+
+    ``e' = (e - mean(e)) * std(x) / (std(e) + eps) + mean(x)``, with mean and (unbiased) std taken per
+    sample over every token and channel.
+
+    Args:
+        e: expression-attention output, ``[B, L, C]``.
+        x: text + image cross-attention output, ``[B, L, C]``.
+    Returns:
+        ``[B, L, C]`` in ``e``'s dtype.
+    """
+    dims = tuple(range(1, e.ndim))
+    e32, x32 = e.float(), x.float()  # statistics in fp32 also when the model runs in bf16
+    e_mean, e_std = e32.mean(dim=dims, keepdim=True), e32.std(dim=dims, keepdim=True)
+    x_mean, x_std = x32.mean(dim=dims, keepdim=True), x32.std(dim=dims, keepdim=True)
+    return ((e32 - e_mean) * (x_std / (e_std + eps)) + x_mean).to(e.dtype)
+
+
+def expand_expression_scale(
+    scale: float | torch.Tensor | None, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Turn a float or ``[B]`` tensor of expression scales into a ``[B, 1, 1]`` tensor (``None`` stays ``None``).
+
+    Raises:
+        ValueError: a tensor whose size is neither 1 nor ``batch_size``.
+    """
+    if scale is None:
+        return None
+    scale = torch.as_tensor(scale, device=device, dtype=dtype).reshape(-1)
+    if scale.numel() == 1:
+        scale = scale.expand(batch_size)
+    elif scale.numel() != batch_size:
+        raise ValueError(f"expression_scale has {scale.numel()} values for a batch of {batch_size}; give 1 or {batch_size}.")
+    return scale.view(batch_size, 1, 1)
+
+
+class FlashPortraitAttnProcessor(WanAttnProcessor):
+    """Cross-attention processor with the NFEB; a plain Wan processor for self-attention.
+
+    Uses ``dispatch_attention_fn``, so diffusers' attention backends (``set_attention_backend``) apply to
+    the text, image and expression attentions alike.
+    """
+
+    def __call__(
+        self,
+        attn: FlashPortraitAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        expression_tokens: torch.Tensor | None = None,
+        expression_scale: torch.Tensor | None = None,
+        num_image_tokens: int = CLIP_IMAGE_TOKENS,
+    ) -> torch.Tensor:
+        """Args:
+        hidden_states: normed video tokens ``[B, L, C]``, frame-major (``L = F * tokens per frame``).
+        encoder_hidden_states: ``[B, num_image_tokens + Lt, C]`` (image tokens first) for cross-attention.
+        expression_tokens: ``[B, F, W, C_expr]`` (``W`` = 97 released), or ``None`` for plain Wan.
+        expression_scale: ``[B, 1, 1]`` per-sample scale of the expression term, ``None`` means 1.
+        num_image_tokens: how many leading context tokens are CLIP image tokens (257 for Wan I2V).
+        """
+        if encoder_hidden_states is None or attn.add_k_proj is None:
+            if expression_tokens is not None:
+                raise ValueError("expression_tokens are only used by the I2V cross-attention (added_kv_proj_dim set).")
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+        encoder_hidden_states_img = encoder_hidden_states[:, :num_image_tokens]
+        encoder_hidden_states = encoder_hidden_states[:, num_image_tokens:]
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+
+        if num_image_tokens > 0:
+            key_img, value_img = _get_added_kv_projections(attn, encoder_hidden_states_img)
+            key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+            out = dispatch_attention_fn(
+                q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend
+            )
+            return out.flatten(2, 3).type_as(q)
+
+        # 1. text + image cross-attention (plain Wan I2V)
+        hidden_states = attend(query, key, value, attention_mask)
+        if num_image_tokens > 0:
+            hidden_states = hidden_states + attend(query, key_img, value_img)
+
+        # 2.-4. Normalized Facial Expression Block
+        if expression_tokens is not None:
+            batch_size, num_frames = expression_tokens.shape[:2]
+            seq_len = query.shape[1]
+            if seq_len % num_frames != 0:
+                raise ValueError(
+                    f"{seq_len} video tokens cannot be split into {num_frames} latent frames of expression tokens."
+                )
+            frame_query = query.reshape(batch_size * num_frames, seq_len // num_frames, *query.shape[2:])
+            tokens = expression_tokens.flatten(0, 1).to(attn.emo_k_proj.weight.dtype)
+            emo_key = attn.emo_k_proj(tokens).unflatten(2, (attn.heads, -1))
+            emo_value = attn.emo_v_proj(tokens).unflatten(2, (attn.heads, -1))
+            expression = attend(frame_query, emo_key, emo_value).reshape(hidden_states.shape)
+            expression = renormalize_to_reference(expression, hidden_states)
+            if expression_scale is not None:
+                expression = expression * expression_scale.to(expression.dtype)
+            hidden_states = hidden_states + expression
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        return hidden_states
+
+
+class FlashPortraitAttention(WanAttention):
+    """Wan attention with the NFEB's expression key/value projections (cross-attention only).
+
+    Extra parameters (cross-attention): ``emo_k_proj``, ``emo_v_proj``: ``Linear(expression_dim, inner_dim,
+    bias=False)``, zero-initialised (so an untrained block adds only ``mean(x)``, SPEC.md section 2).
+    """
+
+    _default_processor_cls = FlashPortraitAttnProcessor
+    _available_processors = [FlashPortraitAttnProcessor]
+
+    def __init__(self, *args, expression_dim: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.emo_k_proj = self.emo_v_proj = None
+        if expression_dim is not None:
+            self.emo_k_proj = nn.Linear(expression_dim, self.inner_dim, bias=False)
+            self.emo_v_proj = nn.Linear(expression_dim, self.inner_dim, bias=False)
+            nn.init.zeros_(self.emo_k_proj.weight)
+            nn.init.zeros_(self.emo_v_proj.weight)
+
+
+class FlashPortraitTransformerBlock(WanTransformerBlock):
+    """A Wan block whose cross-attention carries the NFEB; forward takes the expression inputs explicitly."""
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        qk_norm: str = "rms_norm_across_heads",
+        cross_attn_norm: bool = False,
+        eps: float = 1e-6,
+        added_kv_proj_dim: int | None = None,
+        expression_dim: int = EXPRESSION_TOKEN_DIM,
+    ):
+        super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
+        self.attn1.set_processor(FlashPortraitAttnProcessor())
+        self.attn2 = FlashPortraitAttention(
+            dim=dim,
+            heads=num_heads,
+            dim_head=dim // num_heads,
+            eps=eps,
+            added_kv_proj_dim=added_kv_proj_dim,
+            cross_attention_dim_head=dim // num_heads,
+            processor=FlashPortraitAttnProcessor(),
+            expression_dim=expression_dim if added_kv_proj_dim is not None else None,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        expression_tokens: torch.Tensor | None = None,
+        expression_scale: torch.Tensor | None = None,
+        num_image_tokens: int = CLIP_IMAGE_TOKENS,
+    ) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+            self.scale_shift_table + temb.float()
+        ).chunk(6, dim=1)
+
+        norm_hidden_states = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+        attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
+        hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+
+        norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
+        attn_output = self.attn2(
+            norm_hidden_states,
+            encoder_hidden_states,
+            None,
+            None,
+            expression_tokens=expression_tokens,
+            expression_scale=expression_scale,
+            num_image_tokens=num_image_tokens,
+        )
+        hidden_states = hidden_states + attn_output
+
+        norm_hidden_states = (self.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(
+            hidden_states
+        )
+        ff_output = self.ffn(norm_hidden_states)
+        return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+
+
+class FlashPortraitTransformer3DModel(WanTransformer3DModel):
+    """Wan2.1-I2V transformer with the FlashPortrait NFEB in every block (SPEC.md section 2).
+
+    Same configuration as ``WanTransformer3DModel`` plus ``expression_dim`` (width of the expression
+    tokens, 2048 released). Works with diffusers' attention backends, gradient checkpointing, LoRA
+    (PEFT), layerwise casting, offloading and ``from_single_file`` (original Wan naming with
+    ``blocks.N.cross_attn.emo_{k,v}_proj``). The released 14B sizes are
+    :data:`flashportrait.config.WAN_I2V_14B_CONFIG`.
+    """
+
+    _no_split_modules = ["FlashPortraitTransformerBlock"]
+    _repeated_blocks = ["FlashPortraitTransformerBlock"]
+    _cp_plan = None  # the per-frame expression attention needs whole frames; no context parallelism yet
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 36,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = 1280,
+        added_kv_proj_dim: int | None = 5120,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        expression_dim: int = EXPRESSION_TOKEN_DIM,
+    ) -> None:
+        # The parent builds everything but the blocks (num_layers=0); ours replace them.
+        super().__init__(
+            patch_size=patch_size,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            ffn_dim=ffn_dim,
+            num_layers=0,
+            cross_attn_norm=cross_attn_norm,
+            qk_norm=qk_norm,
+            eps=eps,
+            image_dim=image_dim,
+            added_kv_proj_dim=added_kv_proj_dim,
+            rope_max_seq_len=rope_max_seq_len,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        self.register_to_config(num_layers=num_layers)
+        inner_dim = num_attention_heads * attention_head_dim
+        self.blocks = nn.ModuleList(
+            [
+                FlashPortraitTransformerBlock(
+                    inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim,
+                    expression_dim,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        expression_tokens: torch.Tensor | None = None,
+        expression_scale: float | torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the flow-matching velocity ``eps - x_0`` for one window.
+
+        Args:
+            hidden_states: ``[B, in_channels, F, H, W]`` latent-grid input; for I2V the 36 channels are 16
+                noisy latents, 4 mask channels and 16 reference-condition latents.
+            timestep: ``[B]`` (or a scalar), on the 0..1000 scale (``1000 * sigma``).
+            encoder_hidden_states: ``[B, Lt, text_dim]`` umT5 embeddings (padded; any length).
+            encoder_hidden_states_image: ``[B, N_img, image_dim]`` CLIP penultimate states (257 tokens).
+            expression_tokens: ``[B, F, W, expression_dim]`` per-latent-frame expression tokens (W = 97
+                released, from :func:`flashportrait.models.portrait_encoder.split_tokens_per_latent_frame`),
+                or ``None`` to run plain Wan2.1-I2V.
+            expression_scale: per-sample scale of the NFEB term: a float or ``[B]`` tensor
+                (1 conditional, 0 for the "no expression" guidance branch). ``None`` means 1.
+        Returns:
+            ``Transformer2DModelOutput(sample=[B, out_channels, F, H, W])`` (or a 1-tuple).
+
+        Raises:
+            ValueError: expression tokens whose batch or frame count does not match ``hidden_states``.
+        """
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        post_f, post_h, post_w = num_frames // p_t, height // p_h, width // p_w
+        if expression_tokens is not None and tuple(expression_tokens.shape[:2]) != (batch_size, post_f):
+            raise ValueError(
+                f"expression_tokens has shape {tuple(expression_tokens.shape)}; expected [{batch_size}, {post_f}, "
+                "tokens, dim] (one window of tokens per latent frame of hidden_states)."
+            )
+
+        rotary_emb = self.rope(hidden_states)
+        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+        timestep = timestep.reshape(-1).expand(batch_size) if timestep.numel() == 1 else timestep
+        temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image
+        )
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+
+        num_image_tokens = 0
+        if encoder_hidden_states_image is not None:
+            num_image_tokens = encoder_hidden_states_image.shape[1]
+            encoder_hidden_states = torch.cat([encoder_hidden_states_image, encoder_hidden_states], dim=1)
+
+        scale = expand_expression_scale(expression_scale, batch_size, hidden_states.device, torch.float32)
+        block_args = (encoder_hidden_states, timestep_proj, rotary_emb, expression_tokens, scale, num_image_tokens)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states, *block_args)
+            else:
+                hidden_states = block(hidden_states, *block_args)
+
+        shift, scale_out = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale_out = shift.to(hidden_states.device), scale_out.to(hidden_states.device)
+        hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale_out) + shift).type_as(hidden_states)
+        hidden_states = self.proj_out(hidden_states)
+
+        hidden_states = hidden_states.reshape(batch_size, post_f, post_h, post_w, p_t, p_h, p_w, -1)
+        output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
