@@ -68,7 +68,7 @@ class ExpressionFeatures:
         landmarks: float32 [N, 5, 2] (x, y) source-frame pixels used for the alignment (filled and smoothed).
         detected: bool [N], False where the points were interpolated because no face was detected.
         video_path: the video the features come from.
-        num_source_frames: frames decoded from the video (before any `max_frames` / resampling choice).
+        num_source_frames: frames in the video (from its header), before any `max_frames` / resampling choice.
         settings: the settings that produced the features (also the cache key's input).
     """
 
@@ -159,7 +159,7 @@ def encoder_identity(module: nn.Module) -> str:
     h = hashlib.sha256(type(module).__name__.encode())
     for name, tensor in module.state_dict().items():
         h.update(name.encode())
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return f"{type(module).__name__}:sha256:{h.hexdigest()}"

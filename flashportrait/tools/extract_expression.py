@@ -1,0 +1,105 @@
+"""Inspect the expression stage: driving video -> [N, 554] features (+ a preview of the aligned face crops).
+
+    python -m flashportrait.tools.extract_expression driving.mp4 --out driving.expr.pt \
+        --pd_fpg_model_path checkpoints/pd_fpg.pth --preview driving.crops.mp4
+
+Without weights, `--random-encoder` runs the full-size PD-FGC encoder with random weights (seed 0): the
+numbers are meaningless, but detection, tracking, alignment and the preview are real.
+
+The features file is a torch file (`ExpressionFeatures.save`: features, fps, frame_indices, landmarks,
+detected, settings) or, with a .npz name, a NumPy archive with the same arrays. The preview shows each
+224x224 crop the encoder sees, with the five aligned points (green: detected, red: interpolated) and the
+template positions (white rings), at the features' frame rate, with the driving video's audio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from flashportrait.expression import ExpressionFeatures, extract_expression_features, iter_aligned_crops
+from flashportrait.face.align import template_points, transform_points
+from flashportrait.face.detector import available_detectors, create_detector
+from flashportrait.video_io import StreamingVideoWriter
+
+
+def write_preview(features: ExpressionFeatures, video_path: str | Path, out_path: str | Path) -> None:
+    """Write the aligned crops of `features` with their five points drawn, as an H.264 video."""
+    template = template_points().round().astype(int)
+    fi = features.frame_indices.numpy()
+    first_s = float(fi[0]) / features.fps if len(fi) else 0.0
+    with StreamingVideoWriter(out_path, features.fps, audio_source=video_path, audio_start_s=first_s) as writer:
+        crops = iter_aligned_crops(video_path, features.landmarks.numpy(), fi)
+        for row, (crop, matrix) in enumerate(crops):
+            canvas = np.ascontiguousarray(crop)
+            for x, y in template:
+                cv2.circle(canvas, (int(x), int(y)), 5, (255, 255, 255), 1, cv2.LINE_AA)
+            color = (0, 255, 0) if bool(features.detected[row]) else (255, 0, 0)
+            for x, y in transform_points(matrix, features.landmarks[row].numpy()):
+                cv2.circle(canvas, (int(round(x)), int(round(y))), 2, color, -1, cv2.LINE_AA)
+            cv2.putText(canvas, f"{int(fi[row])}", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1, cv2.LINE_AA)
+            writer.write(canvas)
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    torch.manual_seed(0)
+    from flashportrait.models.motion_encoder import PDFGCMotionEncoder, load_pdfgc_motion_encoder
+
+    if args.pd_fpg_model_path:
+        encoder = load_pdfgc_motion_encoder(args.pd_fpg_model_path, device=args.device)
+    elif args.random_encoder:
+        encoder = PDFGCMotionEncoder().eval()
+    else:
+        raise SystemExit("give --pd_fpg_model_path PATH/pd_fpg.pth, or --random-encoder to test without weights")
+    detector = create_detector(args.detector)
+    feats = extract_expression_features(
+        args.video,
+        encoder,
+        device=args.device,
+        batch_size=args.batch_size,
+        detector=detector,
+        max_frames=args.max_frames,
+        target_fps=args.target_fps,
+        smooth_sigma=args.smooth_sigma,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        progress=not args.quiet,
+    )
+    out = Path(args.out) if args.out else Path(args.video).with_suffix(".expression.pt")
+    if out.suffix == ".npz":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, **{k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in feats.to_dict().items() if k != "settings"})
+    else:
+        feats.save(out)
+    print(
+        f"{args.video}: {len(feats)} frames at {feats.fps:.3f} fps -> features {tuple(feats.features.shape)} "
+        f"in {out} ({feats.num_interpolated} frames interpolated)"
+    )
+    if args.preview:
+        write_preview(feats, args.video, args.preview)
+        print(f"preview of the aligned crops: {args.preview}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("video", help="driving video")
+    parser.add_argument("--out", default=None, help="features file (.pt, or .npz); default: VIDEO with .expression.pt")
+    parser.add_argument("--preview", default=None, help="write an .mp4 of the aligned 224x224 crops with the 5 points")
+    parser.add_argument("--pd_fpg_model_path", default=None, help="PD-FGC motion encoder weights (pd_fpg.pth)")
+    parser.add_argument("--random-encoder", action="store_true", help="random-weight encoder (no weights needed; numbers meaningless)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16, help="faces per encoder call")
+    parser.add_argument("--detector", default="retinaface", choices=available_detectors())
+    parser.add_argument("--max-frames", type=int, default=None, help="use only the first N frames")
+    parser.add_argument("--target-fps", type=float, default=None, help="resample to this constant frame rate")
+    parser.add_argument("--smooth-sigma", type=float, default=1.0, help="temporal smoothing of the face points, in frames")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache file beside the video")
+    parser.add_argument("--cache-dir", default=None, help="cache folder (default: next to the video)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    main(parser.parse_args())
