@@ -16,7 +16,8 @@ Cache
     With `cache=True` the result is stored as `<video name>.expression-<key>.pt` next to the video, where
     the key hashes the video's bytes, every setting that changes the numbers (detector and its settings,
     frame selection, smoothing) and the motion encoder's weights. A second run with the same inputs loads
-    it instead of extracting. If the video's folder is not writable (e.g. a read-only share), the cache
+    it instead of extracting. If the video's folder is not writable (e.g. a read-only share, recognised by
+    its permission bits even when running as root), the cache
     goes to `$FLASHPORTRAIT_CACHE_DIR` or `~/.cache/flashportrait/expression/`; if that fails too, the run
     continues without a cache (one log line). Cache files are written atomically (temp file + rename).
 """
@@ -176,6 +177,15 @@ def _atomic_torch_save(obj, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _looks_writable(folder: Path) -> bool:
+    """False for a folder without write permission bits (read-only shares stay untouched even for root)."""
+    try:
+        mode = folder.stat().st_mode
+    except OSError:
+        return True  # does not exist yet: creating it will tell
+    return bool(mode & 0o222) and os.access(folder, os.W_OK)
 
 
 def _cache_candidates(video: Path, key: str, cache_dir: str | os.PathLike | None) -> list[Path]:
@@ -399,6 +409,9 @@ def extract_expression_features(
     )
 
     for path in candidates:
+        if not _looks_writable(path.parent):
+            logger.info("%s: %s is read-only; not caching there.", video, path.parent)
+            continue
         try:
             result.save(path)
             logger.info("%s: expression features cached in %s", video, path)

@@ -20,9 +20,8 @@ The needed branches run as **one batch** (the transformer takes a per-sample ``e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 

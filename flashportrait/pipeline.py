@@ -54,7 +54,12 @@ from .config import (
 )
 from .guidance import plan_guidance
 from .sampling import ExpressionTokenWindows, WindowDenoiser, first_frame_mask, sample_windows
-from .windows import context_windows, latent_frames_for_video_frames, usable_video_frames, video_frames_for_latent_frames
+from .windows import (
+    context_windows,
+    latent_frames_for_video_frames,
+    usable_video_frames,
+    video_frames_for_latent_frames,
+)
 
 __all__ = [
     "DEFAULT_FPS",
@@ -66,6 +71,8 @@ __all__ = [
     "denormalize_latents",
     "iter_decode_latents",
     "frames_to_uint8",
+    "GPU_MEMORY_MODES",
+    "configure_memory",
 ]
 
 #: output frame rate when neither ``fps`` nor a driving video's rate is known (SPEC.md section 1)
@@ -213,6 +220,35 @@ class FlashPortraitPipelineOutput(BaseOutput):
 # --- the pipeline -----------------------------------------------------------------------------------------
 
 
+class _DeviceDtypeProperties:
+    """``device`` / ``dtype`` of a plain ``nn.Module``, as diffusers' pipeline utilities expect of components."""
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+
+def _with_device_dtype(module):
+    """Give a plain ``nn.Module`` component the ``device`` / ``dtype`` properties ``DiffusionPipeline`` reads
+    (``.device``, ``.to``, offloading). Modules that have them (diffusers / transformers models) are returned
+    unchanged; others get a same-named subclass adding only the two properties.
+    """
+    if module is None or not isinstance(module, torch.nn.Module) or hasattr(type(module), "dtype"):
+        return module
+    cls = type(module)
+    module.__class__ = type(cls.__name__, (cls, _DeviceDtypeProperties), {"__module__": cls.__module__})
+    return module
+
+
 class FlashPortraitPipeline(DiffusionPipeline):
     """Video-driven portrait animation on Wan2.1-I2V with the FlashPortrait transformer (arXiv 2512.16900).
 
@@ -226,6 +262,8 @@ class FlashPortraitPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->image_encoder->portrait_encoder->transformer->vae"
     _optional_components = ["motion_encoder"]
+    # small, and moved by the expression extractor itself: kept whole on the execution device
+    _exclude_from_cpu_offload = ["motion_encoder"]
 
     def __init__(
         self,
@@ -239,6 +277,8 @@ class FlashPortraitPipeline(DiffusionPipeline):
         motion_encoder=None,
     ):
         super().__init__()
+        portrait_encoder = _with_device_dtype(portrait_encoder)
+        motion_encoder = _with_device_dtype(motion_encoder)
         self.register_modules(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
@@ -248,6 +288,75 @@ class FlashPortraitPipeline(DiffusionPipeline):
             portrait_encoder=portrait_encoder,
             scheduler=scheduler,
             motion_encoder=motion_encoder,
+        )
+
+    # -- construction --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        wan_model_dir: str | os.PathLike,
+        transformer_path: str | os.PathLike | None,
+        portrait_encoder_path: str | os.PathLike,
+        pd_fpg_model_path: str | os.PathLike | None = None,
+        *,
+        sampler: str = "euler",
+        shift: float | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> FlashPortraitPipeline:
+        """Build the pipeline from the files users download (SPEC.md section 3), on the CPU.
+
+        Args:
+            wan_model_dir: ``Wan2.1-I2V-14B-720P`` (original or Diffusers layout).
+            transformer_path: FlashPortrait ``transformer.pt`` (``None``: the base weights must already hold
+                the NFEB projections).
+            portrait_encoder_path: ``portrait_encoder.pt``.
+            pd_fpg_model_path: ``pd_fpg.pth`` (PD-FGC); needed only for driving videos.
+            sampler, shift: see :func:`flashportrait.sampling.make_scheduler`.
+            dtype: transformer, text / image encoder and portrait encoder dtype (the VAE stays float32,
+                the motion encoder float32).
+        """
+        from .checkpoints.transformer import load_flashportrait_transformer
+        from .checkpoints.wan_components import load_wan_i2v_components
+        from .config import DEFAULT_SHIFT
+        from .models.motion_encoder import load_pdfgc_motion_encoder
+        from .models.portrait_encoder import load_portrait_encoder
+        from .sampling import make_scheduler
+
+        wan = load_wan_i2v_components(wan_model_dir, dtype=dtype, device="cpu")
+        transformer = load_flashportrait_transformer(transformer_path, wan_model_dir, dtype=dtype)
+        portrait_encoder = load_portrait_encoder(portrait_encoder_path, dtype=dtype)
+        motion_encoder = load_pdfgc_motion_encoder(pd_fpg_model_path) if pd_fpg_model_path is not None else None
+        return cls(
+            tokenizer=wan["tokenizer"],
+            text_encoder=wan["text_encoder"],
+            image_encoder=wan["image_encoder"],
+            vae=wan["vae"],
+            transformer=transformer,
+            portrait_encoder=portrait_encoder,
+            scheduler=make_scheduler(sampler, DEFAULT_SHIFT if shift is None else shift),
+            motion_encoder=motion_encoder,
+        )
+
+    @classmethod
+    def from_tiny(
+        cls, seed: int = 0, *, sampler: str = "euler", shift: float | None = None, dtype: torch.dtype = torch.float32
+    ) -> FlashPortraitPipeline:
+        """The ``--tiny`` pipeline: random tiny components (:func:`flashportrait.tiny.build_tiny_components`)."""
+        from .config import DEFAULT_SHIFT
+        from .sampling import make_scheduler
+        from .tiny import build_tiny_components
+
+        c = build_tiny_components(seed=seed, dtype=dtype)
+        return cls(
+            tokenizer=c["tokenizer"],
+            text_encoder=c["text_encoder"],
+            image_encoder=c["image_encoder"],
+            vae=c["vae"],
+            transformer=c["transformer"],
+            portrait_encoder=c["portrait_encoder"],
+            scheduler=make_scheduler(sampler, DEFAULT_SHIFT if shift is None else shift),
+            motion_encoder=c.get("motion_encoder"),
         )
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -299,7 +408,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
         from .checkpoints.wan_components import clip_preprocess, encode_clip_image
 
         device = self._module_device(self.image_encoder, self._execution_device)
-        pixels = clip_preprocess([image]).to(device=device, dtype=self.image_encoder.dtype)
+        pixels = clip_preprocess(np.array(image.convert("RGB"))).to(device=device, dtype=self.image_encoder.dtype)
         return encode_clip_image(self.image_encoder, pixels).float()
 
     @torch.no_grad()
@@ -321,7 +430,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
     def encode_expressions(self, features: torch.Tensor) -> torch.Tensor:
         """Portrait-encoder tokens ``[1, N * T, C]`` for features ``[N, 554]`` (chunks of frames)."""
         device = self._module_device(self.portrait_encoder, self._execution_device)
-        dtype = next(self.portrait_encoder.parameters()).dtype
+        dtype = self.portrait_encoder.dtype
         chunks = [
             self.portrait_encoder(part[None].to(device=device, dtype=dtype))
             for part in features.split(PORTRAIT_ENCODER_CHUNK)
@@ -461,12 +570,24 @@ class FlashPortraitPipeline(DiffusionPipeline):
             :class:`FlashPortraitPipelineOutput` with ``N_used - 1`` frames.
         """
         self.check_inputs(
-            image, driving_video, expression_features, prompt, negative_prompt, num_inference_steps,
-            context_size, context_overlap, text_cfg_scale, emo_cfg_scale, max_size, fps, output_path,
-            output_type, decode_chunk_size,
+            image,
+            driving_video,
+            expression_features,
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            context_size,
+            context_overlap,
+            text_cfg_scale,
+            emo_cfg_scale,
+            max_size,
+            fps,
+            output_path,
+            output_type,
+            decode_chunk_size,
         )
         device = self._execution_device
-        disable = self._progress_bar_config.get("disable", None)
+        disable = getattr(self, "_progress_bar_config", {}).get("disable", None)
         plan = plan_guidance(text_cfg_scale, emo_cfg_scale)
 
         # 1. driving expressions -> features [N_used, 554]
@@ -536,7 +657,13 @@ class FlashPortraitPipeline(DiffusionPipeline):
         shape = (1, self.vae.config.z_dim, num_latent_frames, height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = sample_windows(
-            denoiser, noise, self.scheduler, num_inference_steps, windows, callback=callback, disable=disable,
+            denoiser,
+            noise,
+            self.scheduler,
+            num_inference_steps,
+            windows,
+            callback=callback,
+            disable=disable,
             generator=generator,
         )
 
@@ -552,7 +679,10 @@ class FlashPortraitPipeline(DiffusionPipeline):
             from .video_io import StreamingVideoWriter
 
             writer = StreamingVideoWriter(
-                output_path, fps, audio_source=audio_source, audio_start_s=audio_start_s if audio_source else 0.0,
+                output_path,
+                fps,
+                audio_source=audio_source,
+                audio_start_s=audio_start_s if audio_source else 0.0,
                 audio_duration_s=num_out / fps if audio_source else None,
             )
             writer.__enter__()
@@ -577,6 +707,55 @@ class FlashPortraitPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         out_frames = np.concatenate(kept) if kept else None
         return FlashPortraitPipelineOutput(
-            frames=out_frames, latents=None, path=str(output_path) if output_path is not None else None, fps=fps,
+            frames=out_frames,
+            latents=None,
+            path=str(output_path) if output_path is not None else None,
+            fps=fps,
             num_frames=num_out,
         )
+
+
+# --- memory modes (the released --GPU_memory_mode values) ---------------------------------------------------
+
+GPU_MEMORY_MODES = (
+    "model_full_load",
+    "model_cpu_offload",
+    "sequential_cpu_offload",
+    "model_cpu_offload_and_qfloat8",
+    "model_full_load_and_qfloat8",
+)
+
+
+def configure_memory(
+    pipe: FlashPortraitPipeline, mode: str, device: str | torch.device, compute_dtype: torch.dtype = torch.bfloat16
+) -> FlashPortraitPipeline:
+    """Place the pipeline for one of the released ``GPU_memory_mode`` values, with diffusers' own tools.
+
+    * ``model_full_load``: everything on ``device``;
+    * ``model_cpu_offload``: ``enable_model_cpu_offload`` (one component on the accelerator at a time);
+    * ``sequential_cpu_offload``: ``enable_sequential_cpu_offload`` (layer by layer; slowest, least memory);
+    * ``*_and_qfloat8``: additionally store the transformer's weights in float8 (e4m3) and compute in
+      ``compute_dtype`` (``enable_layerwise_casting``; diffusers keeps norms, embeddings and the patch
+      embedding in full precision).
+
+    Raises:
+        ValueError: unknown ``mode``, or an offloading mode on a CPU device (offloading moves weights
+        between the CPU and an accelerator).
+    """
+    if mode not in GPU_MEMORY_MODES:
+        raise ValueError(f"GPU_memory_mode must be one of {GPU_MEMORY_MODES}, got {mode!r}")
+    device = torch.device(device)
+    if "offload" in mode and device.type == "cpu":
+        raise ValueError(
+            f"GPU_memory_mode {mode} offloads to the CPU from an accelerator; with device cpu use "
+            "model_full_load (or model_full_load_and_qfloat8)"
+        )
+    if mode.endswith("_and_qfloat8"):
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    if mode.startswith("model_full_load"):
+        pipe.to(device)
+    elif mode.startswith("model_cpu_offload"):
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+    return pipe

@@ -200,7 +200,7 @@ def resample_indices(timestamps: np.ndarray, fps: float, *, duration_s: float | 
     if duration_s is None:
         step = float(np.median(np.diff(timestamps))) if len(timestamps) > 1 else 1.0 / fps
         duration_s = float(timestamps[-1] - timestamps[0]) + step
-    count = max(1, int(np.floor(duration_s * fps + 1e-6)))
+    count = max(1, int(np.ceil(duration_s * fps - 1e-6)))  # output frames starting before the end
     out_times = timestamps[0] + np.arange(count) / fps
     idx = np.searchsorted(timestamps, out_times + 1e-6, side="right") - 1
     return np.clip(idx, 0, len(timestamps) - 1).astype(np.int64)
@@ -299,7 +299,8 @@ class StreamingVideoWriter:
             `fractions.Fraction`) or a Fraction.
         audio_source: a media file whose first audio stream is muxed in (re-encoded to AAC). None, or a file
             without audio, gives a silent video (the latter with a log line).
-        audio_start_s: where in `audio_source` (seconds on its timeline) the first written frame starts.
+        audio_start_s: where in `audio_source` the first written frame starts, in seconds after the first
+            video frame of `audio_source` (after the start of the file for an audio-only source).
         audio_duration_s: how much audio to take; default: the written video's length (frames / fps).
         crf: H.264 constant rate factor (0 = lossless luma, 18 = visually lossless, 23 = FFmpeg default).
         preset: x264 speed preset.
@@ -362,7 +363,7 @@ class StreamingVideoWriter:
         if self._container is not None:
             return
         self._tmp_video = self._temp_path(".partial.mp4")
-        self._container = av.open(str(self._tmp_video), mode="w", format="mp4")
+        self._container = av.open(str(self._tmp_video), mode="w", format="mp4", options={"movflags": "+faststart"})
 
     def write(self, frames: np.ndarray) -> None:
         """Encode frames.
@@ -425,6 +426,9 @@ class StreamingVideoWriter:
                 final_tmp = self._temp_path(".partial.mp4")
                 self._mux_audio(self._tmp_video, final_tmp, *audio_packets)
                 self._tmp_video.unlink(missing_ok=True)
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(final_tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
             os.replace(final_tmp, self.path)
         except BaseException:
             self.abort()
@@ -460,6 +464,9 @@ class StreamingVideoWriter:
                 logger.info("%s: no audio stream; writing %s without audio.", self.audio_source, self.path)
                 return None
             in_stream = src.streams.audio[0]
+            origin = 0.0  # the source's time of its first video frame: audio_start_s counts from there
+            if src.streams.video and src.streams.video[0].start_time is not None:
+                origin = float(src.streams.video[0].start_time * src.streams.video[0].time_base)
             rate = int(in_stream.rate or 48000)
             layout = "mono" if (in_stream.channels or 2) == 1 else "stereo"
             resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
@@ -470,7 +477,7 @@ class StreamingVideoWriter:
             encoder.bit_rate = self.audio_bitrate
             encoder.time_base = Fraction(1, rate)
             encoder.open()
-            first_sample = int(round(self.audio_start_s * rate))
+            first_sample = int(round((origin + self.audio_start_s) * rate))
             total = int(round(duration * rate))
             written = 0
             packets = []

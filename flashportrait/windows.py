@@ -34,6 +34,7 @@ __all__ = [
     "usable_video_frames",
     "window_video_frames",
     "check_windows",
+    "resolve_context_size",
 ]
 
 
@@ -87,6 +88,55 @@ def window_video_frames(window: range) -> range:
     frame ``a`` is that clip's "first frame" and takes video frame ``4a``'s tokens), SPEC.md section 4.
     """
     return range(VAE_TEMPORAL_FACTOR * window.start, VAE_TEMPORAL_FACTOR * (window.stop - 1) + 1)
+
+
+def resolve_context_size(
+    context_size: int | None = None,
+    sub_num_frames: int | None = None,
+    latents_num_frames: int | None = None,
+    default: int | None = None,
+) -> int:
+    """One window length in latent frames from the three ways the authors' flags give it.
+
+    The released ``infer.py`` has ``sub_num_frames`` (video frames per window, ``4k + 1``, 201),
+    ``latents_num_frames`` (latent frames per window, 51) and ``context_size`` (latent frames per window,
+    51); they describe the same length and must agree: ``latents = (sub_num_frames - 1) / 4 + 1``.
+
+    Args:
+        context_size, sub_num_frames, latents_num_frames: any subset (``None`` = not given).
+        default: returned when none is given (``None``: the released 51).
+
+    Raises:
+        ValueError: a value out of range (``sub_num_frames`` not ``4k + 1``, a length < 1) or two given
+        values that disagree (the message names both flags and their latent lengths).
+    """
+    from .config import DEFAULT_CONTEXT_SIZE
+
+    given: dict[str, int] = {}
+    if sub_num_frames is not None:
+        if sub_num_frames < 1 or (sub_num_frames - 1) % VAE_TEMPORAL_FACTOR != 0:
+            raise ValueError(
+                f"sub_num_frames (video frames per window) must be 4k + 1 >= 1 (e.g. 81, 201), got {sub_num_frames}"
+            )
+        given["sub_num_frames"] = latent_frames_for_video_frames(sub_num_frames)
+    for name, value in (("latents_num_frames", latents_num_frames), ("context_size", context_size)):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"{name} (latent frames per window) must be >= 1, got {value}")
+            given[name] = value
+    if not given:
+        return DEFAULT_CONTEXT_SIZE if default is None else default
+    if len(set(given.values())) > 1:
+        described = ", ".join(
+            f"--{k} {sub_num_frames} (= {v} latent frames)" if k == "sub_num_frames" else f"--{k} {v}"
+            for k, v in given.items()
+        )
+        raise ValueError(
+            f"contradicting window lengths: {described}. They all set the window length (sub_num_frames = "
+            "4 (latents_num_frames - 1) + 1 video frames, context_size = latents_num_frames); give one, or "
+            "consistent values."
+        )
+    return next(iter(given.values()))
 
 
 # --- windows ------------------------------------------------------------------------------------------

@@ -123,9 +123,19 @@ def _tiny_transformer():
 
     torch.manual_seed(0)
     model = FlashPortraitTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=36, out_channels=16,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, image_dim=16, added_kv_proj_dim=16,
-        rope_max_seq_len=32, expression_dim=16,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=36,
+        out_channels=16,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        image_dim=16,
+        added_kv_proj_dim=16,
+        rope_max_seq_len=32,
+        expression_dim=16,
     ).eval()
     with torch.no_grad():  # the emo projections are zero-initialised; make the expression term visible
         for name, p in model.named_parameters():
@@ -147,8 +157,13 @@ def test_window_denoiser_batched_branches_equal_separate_calls():
 
     def call(text, scale):
         return model(
-            hidden_states=torch.cat([x, cond], 1), timestep=t.reshape(1), encoder_hidden_states=text,
-            encoder_hidden_states_image=image, expression_tokens=tokens, expression_scale=scale, return_dict=False,
+            hidden_states=torch.cat([x, cond], 1),
+            timestep=t.reshape(1),
+            encoder_hidden_states=text,
+            encoder_hidden_states_image=image,
+            expression_tokens=tokens,
+            expression_scale=scale,
+            return_dict=False,
         )[0]
 
     with torch.no_grad():

@@ -142,3 +142,18 @@ def test_frame_counts():
     assert window_video_frames(range(21, 72)) == range(84, 285)
     with pytest.raises(ValueError):
         latent_frames_for_video_frames(0)
+
+
+def test_resolve_context_size():
+    from flashportrait.windows import resolve_context_size
+
+    assert resolve_context_size() == 51
+    assert resolve_context_size(default=5) == 5
+    assert resolve_context_size(sub_num_frames=81) == 21
+    assert resolve_context_size(context_size=51, sub_num_frames=201, latents_num_frames=51) == 51
+    with pytest.raises(ValueError, match="contradicting.*sub_num_frames 81.*context_size 51"):
+        resolve_context_size(context_size=51, sub_num_frames=81)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        resolve_context_size(sub_num_frames=80)
+    with pytest.raises(ValueError, match="latents_num_frames"):
+        resolve_context_size(latents_num_frames=0)

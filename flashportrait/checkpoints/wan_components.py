@@ -74,28 +74,73 @@ PathLike = str | os.PathLike
 
 #: umT5-XXL encoder as in Wan's ``umt5_xxl`` (wan/modules/t5.py), original naming
 UMT5_XXL: dict[str, Any] = dict(
-    vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24, num_buckets=32,
-    shared_pos=False, max_dist=128,
+    vocab=256384,
+    dim=4096,
+    dim_attn=4096,
+    dim_ffn=10240,
+    num_heads=64,
+    num_layers=24,
+    num_buckets=32,
+    shared_pos=False,
+    max_dist=128,
 )
 #: open-clip XLM-RoBERTa ViT-H/14 vision tower as in Wan's ``clip_xlm_roberta_vit_h_14`` (wan/modules/clip.py)
 CLIP_VIT_H_14: dict[str, Any] = dict(
-    image_size=224, patch_size=14, dim=1280, num_heads=16, num_layers=32, mlp_ratio=4, activation="gelu",
+    image_size=224,
+    patch_size=14,
+    dim=1280,
+    num_heads=16,
+    num_layers=32,
+    mlp_ratio=4,
+    activation="gelu",
 )
 #: head width of ViT-H/14 (1280 / 16); used to infer the head count when ``config`` does not give it
 CLIP_HEAD_DIM = 80
 #: Wan2.1 VAE as in Wan's ``_video_vae`` (wan/modules/vae.py)
 WAN21_VAE: dict[str, Any] = dict(
-    dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
+    dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    temperal_downsample=[False, True, True],
 )
 #: per-channel latent statistics of the Wan2.1 VAE (``WanVAE.mean`` / ``WanVAE.std`` in wan/modules/vae.py;
 #: identical to diffusers' ``AutoencoderKLWan`` defaults). Normalised latents are (mu - mean) / std.
 WAN21_LATENTS_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
 )
 WAN21_LATENTS_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
 )
 
 #: keys of the original CLIP file that the vision tower does not use (text tower, logit scale, projection)
@@ -164,12 +209,18 @@ def _load_transformers_folder(cls, folder: Path, *, dtype: torch.dtype, what: st
     """``cls.from_pretrained`` on a local folder; refuse missing / unexpected / mis-shaped keys."""
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json, so not a saved {what} (transformers format).")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would duplicate (or contradict) our error below
     try:
         model, info = cls.from_pretrained(
             str(folder), local_files_only=True, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{folder}: cannot be loaded as {what} ({type(exc).__name__}: {exc}).") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     unexpected = [k for k in info.get("unexpected_keys", ()) if not (ignore_unexpected and ignore_unexpected.match(k))]
     missing = list(info.get("missing_keys", ()))
     mismatched = [(k, tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys", ())]
@@ -296,8 +347,14 @@ def umt5_config_from_state_dict(
     dim_ffn = _require(state_dict, "blocks.0.ffn.fc1.weight", source, what).shape[0]
     buckets, heads = _require(state_dict, "blocks.0.pos_embedding.embedding.weight", source, what).shape
     derived = dict(
-        vocab=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=dim_ffn, num_heads=heads, num_layers=layers[-1] + 1,
-        num_buckets=buckets, max_dist=UMT5_XXL["max_dist"],
+        vocab=vocab,
+        dim=dim,
+        dim_attn=dim_attn,
+        dim_ffn=dim_ffn,
+        num_heads=heads,
+        num_layers=layers[-1] + 1,
+        num_buckets=buckets,
+        max_dist=UMT5_XXL["max_dist"],
     )
     c = {**derived, **{k: v for k, v in cfg.items() if k in derived}}
     if c["dim_attn"] % c["num_heads"]:
@@ -356,12 +413,17 @@ def load_umt5_encoder(
     with empty_model():
         model = UMT5EncoderModel(cfg)
     what = (
-        f"the umT5 encoder (vocab {cfg.vocab_size}, dim {cfg.d_model}, {cfg.num_layers} layers, "
-        f"{cfg.num_heads} heads)"
+        f"the umT5 encoder (vocab {cfg.vocab_size}, dim {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} heads)"
     )
     _check_then_load(
-        model, state_dict, convert_umt5_transformers_to_original, convert_umt5_original_to_transformers, path,
-        what=what, dtype=dtype, hint="Expected Wan's models_t5_umt5-xxl-enc-bf16.pth (original naming).",
+        model,
+        state_dict,
+        convert_umt5_transformers_to_original,
+        convert_umt5_original_to_transformers,
+        path,
+        what=what,
+        dtype=dtype,
+        hint="Expected Wan's models_t5_umt5-xxl-enc-bf16.pth (original naming).",
     )
     model.set_input_embeddings(model.shared)  # re-tie: assign=True gave the two names separate Parameters
     return _to_device(model.eval(), device)
@@ -584,8 +646,13 @@ def load_clip_vision(
         f"patch {cfg.patch_size})"
     )
     _check_then_load(
-        model, state_dict, convert_clip_transformers_to_original, convert_clip_original_to_transformers, path,
-        what=what, dtype=dtype,
+        model,
+        state_dict,
+        convert_clip_transformers_to_original,
+        convert_clip_original_to_transformers,
+        path,
+        what=what,
+        dtype=dtype,
         hint="Expected Wan's models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (keys visual.*).",
     )
     return _to_device(model.eval(), device)
@@ -614,7 +681,7 @@ def _images_to_float(images: Any) -> torch.Tensor:
     from PIL import Image
 
     if isinstance(images, Image.Image):
-        images = [images]
+        images = np.array(images.convert("RGB"))
     if isinstance(images, Sequence) and not isinstance(images, (torch.Tensor, np.ndarray)):
         if not images:
             raise ValueError("clip_preprocess: got an empty list of images.")
@@ -625,8 +692,6 @@ def _images_to_float(images: Any) -> torch.Tensor:
                 "preprocess them one at a time."
             )
         return torch.cat(parts)
-    if hasattr(images, "convert") and hasattr(images, "size"):  # PIL-like
-        images = np.asarray(images.convert("RGB"))
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
             raise ValueError(f"clip_preprocess: numpy images must be uint8 HWC / BHWC RGB, got {images.dtype}.")
@@ -634,7 +699,7 @@ def _images_to_float(images: Any) -> torch.Tensor:
             images = images[None]
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"clip_preprocess: numpy images must be [H, W, 3] or [B, H, W, 3], got {images.shape}.")
-        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255.0
     if isinstance(images, torch.Tensor):
         x = images[None] if images.ndim == 3 else images
         if x.ndim != 4 or x.shape[1] != 3:
@@ -786,9 +851,14 @@ def wan_vae_config_from_state_dict(
         in_channels=int(conv_in.shape[1]),
         out_channels=int(head.shape[0]),
     )
-    for ours, theirs in (("dim", "base_dim"), ("base_dim", "base_dim"), ("z_dim", "z_dim"),
-                         ("dim_mult", "dim_mult"), ("num_res_blocks", "num_res_blocks"),
-                         ("temperal_downsample", "temperal_downsample")):
+    for ours, theirs in (
+        ("dim", "base_dim"),
+        ("base_dim", "base_dim"),
+        ("z_dim", "z_dim"),
+        ("dim_mult", "dim_mult"),
+        ("num_res_blocks", "num_res_blocks"),
+        ("temperal_downsample", "temperal_downsample"),
+    ):
         if ours in cfg:
             out[theirs] = list(cfg[ours]) if isinstance(cfg[ours], (list, tuple)) else cfg[ours]
     if "latents_mean" in cfg or "latents_std" in cfg:
@@ -845,7 +915,10 @@ def load_wan_vae(
         with empty_model():
             model = AutoencoderKLWan.from_config(vae_config)
         load_state_dict_strict(
-            model, _cast_once(read_state_dict(weights), dtype), weights, what="AutoencoderKLWan (config.json)",
+            model,
+            _cast_once(read_state_dict(weights), dtype),
+            weights,
+            what="AutoencoderKLWan (config.json)",
             hint="Re-download the vae/ folder or fix its config.json.",
         )
         return _to_device(model.eval(), device)
@@ -858,8 +931,14 @@ def load_wan_vae(
         f"{vae_config['dim_mult']})"
     )
     _check_then_load(
-        model, state_dict, convert_wan_vae_diffusers_to_original, convert_wan_vae_to_diffusers, path,
-        what=what, dtype=dtype, hint="Expected Wan's Wan2.1_VAE.pth (original naming).",
+        model,
+        state_dict,
+        convert_wan_vae_diffusers_to_original,
+        convert_wan_vae_to_diffusers,
+        path,
+        what=what,
+        dtype=dtype,
+        hint="Expected Wan's Wan2.1_VAE.pth (original naming).",
     )
     return _to_device(model.eval(), device)
 
@@ -893,8 +972,12 @@ def load_wan_i2v_components(
     folder = Path(os.fspath(folder)).expanduser()
     layout = detect_wan_layout(folder)
     if layout == "original":
-        paths = dict(vae=folder / ORIGINAL_VAE, text_encoder=folder / ORIGINAL_T5,
-                     tokenizer=folder / ORIGINAL_T5_TOKENIZER, image_encoder=folder / ORIGINAL_CLIP)
+        paths = dict(
+            vae=folder / ORIGINAL_VAE,
+            text_encoder=folder / ORIGINAL_T5,
+            tokenizer=folder / ORIGINAL_T5_TOKENIZER,
+            image_encoder=folder / ORIGINAL_CLIP,
+        )
     else:
         paths = {name: folder / name for name in ("vae", "text_encoder", "tokenizer", "image_encoder")}
     absent = [str(p.relative_to(folder)) for p in paths.values() if not p.exists()]
