@@ -16,6 +16,11 @@ is non-zero: released defaults (``text_cfg = 1``, ``emo_cfg = 4``) need ``E`` an
 ``text_cfg = emo_cfg = 1`` needs only ``P``, ``text_cfg = emo_cfg != 1`` needs ``U`` and ``P``.
 
 The needed branches run as **one batch** (the transformer takes a per-sample ``expression_scale``).
+
+Differences from the released pipeline (``pipeline_wan_long.py``), which branches on ``emo_cfg > 1``:
+with ``emo_cfg <= 1`` it ignores ``emo_cfg`` and uses ``v = U' + text_cfg (P - U')`` where ``U'`` is the
+negative prompt *with* expression scale 1; we apply SPEC.md's formula for every scale. At the released
+settings (``emo_cfg`` 2-4) both agree.
 """
 
 from __future__ import annotations

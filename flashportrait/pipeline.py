@@ -24,6 +24,7 @@ Driving frames: ``N_used = 4k + 1 <= N`` frames are used, the 0-3 extra ones at 
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -475,6 +476,10 @@ class FlashPortraitPipeline(DiffusionPipeline):
                     "pass motion_encoder=... or precomputed expression_features"
                 )
         if expression_features is not None:
+            if not isinstance(expression_features, (torch.Tensor, np.ndarray)):
+                raise ValueError(
+                    f"expression_features must be a tensor or array [N, {EXPRESSION_DIM}], got {type(expression_features)}"
+                )
             shape = tuple(expression_features.shape)
             if len(shape) != 2 or shape[1] != EXPRESSION_DIM:
                 raise ValueError(f"expression_features must be [N, {EXPRESSION_DIM}], got shape {shape}")
@@ -558,7 +563,9 @@ class FlashPortraitPipeline(DiffusionPipeline):
             output_path: stream the frames into this ``.mp4`` (memory does not grow with length).
             output_type: ``"np"`` (also return the uint8 frames; short videos), ``"latent"`` (return the
                 latents, no decoding) or ``None`` (only write ``output_path``).
-            audio_source: a media file whose audio is muxed, starting at output frame 0's time.
+            audio_source: a media file whose audio is muxed (default: the driving video's). Its timeline is
+                the driving video's: output frame 0 shows driving frame 1, so the audio starts at ``1 / fps``
+                and lasts ``(N_used - 1) / fps`` seconds.
             decode_chunk_size: latent frames per VAE decode chunk.
             callback: called after every sampling step with ``{"step", "timestep", "sigma", "latents",
                 "velocity"}`` (:func:`flashportrait.sampling.sample_windows`).
@@ -606,7 +613,10 @@ class FlashPortraitPipeline(DiffusionPipeline):
                 audio_source = driving_video
             audio_start_s = 1.0 / float(extracted.fps)  # output frame 0 = driving frame 1
         else:
-            features = torch.as_tensor(np.asarray(expression_features), dtype=torch.float32)
+            if isinstance(expression_features, torch.Tensor):
+                features = expression_features.detach().to(device="cpu", dtype=torch.float32)
+            else:
+                features = torch.as_tensor(np.asarray(expression_features), dtype=torch.float32)
             fps = float(fps or DEFAULT_FPS)
             audio_start_s = 1.0 / fps
         if features.shape[0] < VAE_TEMPORAL_FACTOR + 1:
@@ -674,36 +684,29 @@ class FlashPortraitPipeline(DiffusionPipeline):
 
         # 5. streamed decoding (drop the reference slot: the first decoded frame)
         kept: list[np.ndarray] | None = [] if output_type == "np" else None
-        writer = None
-        if output_path is not None:
-            from .video_io import StreamingVideoWriter
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if output_path is not None:
+                from .video_io import StreamingVideoWriter
 
-            writer = StreamingVideoWriter(
-                output_path,
-                fps,
-                audio_source=audio_source,
-                audio_start_s=audio_start_s if audio_source else 0.0,
-                audio_duration_s=num_out / fps if audio_source else None,
-            )
-            writer.__enter__()
-        try:
-            first = True
-            for chunk in iter_decode_latents(self.vae, latents, decode_chunk_size):
-                frames = frames_to_uint8(chunk)
-                if first:
-                    frames, first = frames[1:], False
+                writer = stack.enter_context(
+                    StreamingVideoWriter(
+                        output_path,
+                        fps,
+                        audio_source=audio_source,
+                        audio_start_s=audio_start_s if audio_source else 0.0,
+                        audio_duration_s=num_out / fps if audio_source else None,
+                    )
+                )
+            chunks = stack.enter_context(contextlib.closing(iter_decode_latents(self.vae, latents, decode_chunk_size)))
+            for index, chunk in enumerate(chunks):
+                frames = frames_to_uint8(chunk)[1 if index == 0 else 0 :]
                 if len(frames) == 0:
                     continue
                 if writer is not None:
                     writer.write(frames)
                 if kept is not None:
                     kept.append(frames)
-        except BaseException as exc:
-            if writer is not None:
-                writer.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        if writer is not None:
-            writer.__exit__(None, None, None)
         self.maybe_free_model_hooks()
         out_frames = np.concatenate(kept) if kept else None
         return FlashPortraitPipelineOutput(

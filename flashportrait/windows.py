@@ -13,7 +13,9 @@ merged in order; in the ``n`` latent frames where window ``k`` overlaps what has
 far, ``v = lam_j * v_k + (1 - lam_j) * v_current`` with ``lam_j = j / (n - 1)``, ``j = 0 .. n - 1``
 (``lam = 0.5`` when ``n = 1``); elsewhere window ``k``'s values are written. Because the weights of every
 frame sum to one, blending velocities and then taking one Euler step equals the released code's
-"step every window, then blend the stepped latents" exactly.
+"step every window, then blend the stepped latents" exactly. (The released loop skips the blending at
+the first sampling step and just overwrites overlaps with the later window; we blend at every step, as
+SPEC.md describes.)
 """
 
 from __future__ import annotations

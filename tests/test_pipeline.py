@@ -208,3 +208,49 @@ def test_infer_flags():
     args = infer.parse_args(["--sub_num_frames", "81", "--context_size", "51"])
     with pytest.raises(ValueError, match="contradicting"):
         infer.main(args)
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "dpm++"])
+def test_pipeline_multistep_samplers(sampler):
+    c = _tiny_components()
+    pipe = FlashPortraitPipeline(**c, scheduler=make_scheduler(sampler, 3.0))
+    pipe.set_progress_bar_config(disable=True)
+    feats = torch.randn(13, EXPRESSION_DIM, generator=torch.Generator().manual_seed(3))
+    out = pipe(
+        _reference(),
+        expression_features=feats,
+        num_inference_steps=3,
+        context_size=3,
+        context_overlap=1,
+        max_size=16,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.latents.shape == (1, 16, 4, 2, 2) and torch.isfinite(out.latents).all()
+
+
+def test_pipeline_driving_video_fps_and_audio(examples_dir, tmp_path):
+    """A real driving clip with AAC audio: output fps = the clip's, audio cut to the output frames."""
+    from flashportrait.tiny import build_tiny_motion_encoder
+    from flashportrait.video_io import probe_video
+
+    driving = examples_dir / "driving" / "d11.mp4"  # 25 fps, aac
+    pipe = FlashPortraitPipeline(
+        **_tiny_components(), scheduler=make_scheduler("euler"), motion_encoder=build_tiny_motion_encoder(0)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    path = tmp_path / "out.mp4"
+    out = pipe(
+        examples_dir / "case-1" / "reference.png",
+        driving_video=driving,
+        num_inference_steps=1,
+        max_size=32,
+        output_path=path,
+        output_type=None,
+        generator=torch.Generator().manual_seed(0),
+        expression_kwargs=dict(max_frames=7, cache=False),
+    )
+    info = probe_video(path)
+    assert out.num_frames == 4 and info.num_frames == 4  # 7 frames -> 5 usable -> 4 output frames
+    assert info.fps == pytest.approx(25.0) and info.has_audio
+    assert info.duration_s == pytest.approx(4 / 25, abs=0.05)
