@@ -127,6 +127,7 @@ def main(args):
         output_type=None,
         decode_chunk_size=args.decode_chunk_size,
         expression_kwargs={"max_frames": args.max_frames} if args.max_frames else None,
+        batch_guidance=not args.sequential_guidance,
     )
     print(f"wrote {out.path}: {out.num_frames} frames at {out.fps:g} fps")
     return out
@@ -202,6 +203,11 @@ def parse_args(argv=None):
         help=f"longer output side in pixels, rounded up to /16 (default {DEFAULT_MAX_SIZE}; 64 with --tiny)",
     )
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--sequential_guidance",
+        action="store_true",
+        help="run the guidance passes one after another instead of as one batch (less GPU memory, slower)",
+    )
     p.add_argument("--decode_chunk_size", type=int, default=4, help="latent frames per VAE decode chunk")
     # hardware
     p.add_argument("--GPU_memory_mode", choices=GPU_MEMORY_MODES, default="model_full_load")

@@ -221,35 +221,6 @@ class FlashPortraitPipelineOutput(BaseOutput):
 # --- the pipeline -----------------------------------------------------------------------------------------
 
 
-class _DeviceDtypeProperties:
-    """``device`` / ``dtype`` of a plain ``nn.Module``, as diffusers' pipeline utilities expect of components."""
-
-    @property
-    def device(self) -> torch.device:
-        for p in self.parameters():
-            return p.device
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
-
-
-def _with_device_dtype(module):
-    """Give a plain ``nn.Module`` component the ``device`` / ``dtype`` properties ``DiffusionPipeline`` reads
-    (``.device``, ``.to``, offloading). Modules that have them (diffusers / transformers models) are returned
-    unchanged; others get a same-named subclass adding only the two properties.
-    """
-    if module is None or not isinstance(module, torch.nn.Module) or hasattr(type(module), "dtype"):
-        return module
-    cls = type(module)
-    module.__class__ = type(cls.__name__, (cls, _DeviceDtypeProperties), {"__module__": cls.__module__})
-    return module
-
-
 class FlashPortraitPipeline(DiffusionPipeline):
     """Video-driven portrait animation on Wan2.1-I2V with the FlashPortrait transformer (arXiv 2512.16900).
 
@@ -278,8 +249,6 @@ class FlashPortraitPipeline(DiffusionPipeline):
         motion_encoder=None,
     ):
         super().__init__()
-        portrait_encoder = _with_device_dtype(portrait_encoder)
-        motion_encoder = _with_device_dtype(motion_encoder)
         self.register_modules(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
@@ -542,6 +511,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
         callback: Callable[[dict[str, Any]], None] | None = None,
         attention_kwargs: dict | None = None,
         expression_kwargs: dict | None = None,
+        batch_guidance: bool = True,
     ) -> FlashPortraitPipelineOutput:
         """Animate ``image`` with the driving expressions.
 
@@ -572,6 +542,8 @@ class FlashPortraitPipeline(DiffusionPipeline):
             attention_kwargs: passed to the transformer.
             expression_kwargs: extra keyword arguments of
                 :func:`flashportrait.expression.extract_expression_features` for ``driving_video``.
+            batch_guidance: run the guidance branches of a window as one batch (fast) or one after another
+                (same result, less activation memory).
 
         Returns:
             :class:`FlashPortraitPipelineOutput` with ``N_used - 1`` frames.
@@ -659,6 +631,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
             expression_tokens=token_windows,
             dtype=compute_dtype,
             attention_kwargs=attention_kwargs,
+            batch_branches=batch_guidance,
         )
 
         # 4. sampling: one noise tensor for the whole video

@@ -239,6 +239,8 @@ class WindowDenoiser:
             ``None`` for no expression conditioning.
         dtype: transformer compute dtype for the inputs (output is float32).
         attention_kwargs: passed through to the transformer.
+        batch_branches: run the guidance branches as one batch (default; fastest) or one after another
+            (same result, peak activation memory of one branch, for small GPUs).
     """
 
     def __init__(
@@ -252,6 +254,7 @@ class WindowDenoiser:
         expression_tokens: Callable[[range], torch.Tensor] | None = None,
         dtype: torch.dtype | None = None,
         attention_kwargs: dict | None = None,
+        batch_branches: bool = True,
     ):
         self.transformer = transformer
         self.plan = plan
@@ -259,6 +262,7 @@ class WindowDenoiser:
         self.condition = condition.to(self.dtype)
         self.expression_tokens = expression_tokens
         self.attention_kwargs = attention_kwargs
+        self.batch_branches = batch_branches
         batch = prompt_embeds.shape[0]
         if image_embeds.shape[0] != batch or condition.shape[0] != batch:
             raise ValueError(
@@ -278,20 +282,26 @@ class WindowDenoiser:
                 f"window {window} with {length} latent frames; the condition has {self.condition.shape[2]}"
             )
         inputs = torch.cat([x.to(self.dtype), self.condition[:, :, :length]], dim=1)
-        inputs = inputs.repeat(n, 1, 1, 1, 1)
-        tokens = None
-        if self.expression_tokens is not None:
-            tokens = self.expression_tokens(window).to(self.dtype)
-            tokens = tokens.repeat(n, 1, 1, 1)
-        t = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(inputs.shape[0])
-        out = self.transformer(
+        tokens = None if self.expression_tokens is None else self.expression_tokens(window).to(self.dtype)
+        t = torch.as_tensor(timestep, device=x.device).reshape(-1)
+        if self.batch_branches:
+            out = self._forward(inputs.repeat(n, 1, 1, 1, 1), t, tokens, n, slice(None))
+        else:
+            batch = x.shape[0]
+            out = torch.cat([self._forward(inputs, t, tokens, 1, slice(i * batch, (i + 1) * batch)) for i in range(n)])
+        return combine_branches(self.plan, out)
+
+    def _forward(self, inputs, t, tokens, repeats: int, rows: slice) -> torch.Tensor:
+        """One transformer call on ``inputs`` (already ``repeats`` times batched) for branch rows ``rows``."""
+        if tokens is not None:
+            tokens = tokens.repeat(repeats, 1, 1, 1)
+        return self.transformer(
             hidden_states=inputs,
-            timestep=t,
-            encoder_hidden_states=self.text,
-            encoder_hidden_states_image=self.image,
+            timestep=t.expand(inputs.shape[0]),
+            encoder_hidden_states=self.text[rows],
+            encoder_hidden_states_image=self.image[rows],
             expression_tokens=tokens,
-            expression_scale=self.scale.to(x.device) if tokens is not None else None,
+            expression_scale=self.scale[rows].to(inputs.device) if tokens is not None else None,
             attention_kwargs=self.attention_kwargs,
             return_dict=False,
         )[0]
-        return combine_branches(self.plan, out)

@@ -171,7 +171,17 @@ def test_window_denoiser_batched_branches_equal_separate_calls():
         assert (P - E).abs().max() > 1e-3
         for text_cfg, emo_cfg in [(1.0, 1.0), (1.0, 4.0), (5.0, 4.0)]:
             plan = plan_guidance(text_cfg, emo_cfg)
-            den = WindowDenoiser(model, cond, plan, pos, neg, image, expression_tokens=lambda win: tokens)
-            v = den(x, t, range(0, frames))
             expected = U + text_cfg * (E - U) + emo_cfg * (P - E) if text_cfg != 1 else E + emo_cfg * (P - E)
-            torch.testing.assert_close(v, expected, rtol=1e-4, atol=1e-4)
+            for batch_branches in (True, False):
+                den = WindowDenoiser(
+                    model,
+                    cond,
+                    plan,
+                    pos,
+                    neg,
+                    image,
+                    expression_tokens=lambda win: tokens,
+                    batch_branches=batch_branches,
+                )
+                v = den(x, t, range(0, frames))
+                torch.testing.assert_close(v, expected, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..checkpoints.common import empty_model, load_state_dict_strict, read_state_dict
 from ..config import EXPRESSION_PARTS
+from ._common import DeviceDtypeMixin
 
 __all__ = ["ConvBlock", "HourGlass", "FANTrunk", "PDFGCMotionEncoder", "load_pdfgc_motion_encoder"]
 
@@ -135,7 +136,7 @@ def _embed(dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.ReLU(), nn.Linear(dim, out_dim))
 
 
-class PDFGCMotionEncoder(nn.Module):
+class PDFGCMotionEncoder(DeviceDtypeMixin, nn.Module):
     """PD-FGC motion encoder: aligned face crops -> per-frame expression features (SPEC.md section 2).
 
     ``forward(faces)``: ``faces`` [B, 3, 224, 224] float32, RGB in [-1, 1], aligned with the 5-point

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..checkpoints.common import empty_model, load_state_dict_strict, read_state_dict
 from ..config import EXPRESSION_DIM, EXPRESSION_PARTS, EXPRESSION_TOKEN_DIM, TOKENS_PER_FRAME
+from ._common import DeviceDtypeMixin
 
 __all__ = [
     "PortraitEncoderConfig",
@@ -180,7 +181,7 @@ class ExpressionProjection(nn.Module):
         return self.norm(torch.stack(tokens, dim=1))
 
 
-class PortraitEncoder(nn.Module):
+class PortraitEncoder(DeviceDtypeMixin, nn.Module):
     """Expression features -> expression tokens (SPEC.md section 2, "Portrait encoder").
 
     ``forward(features)``: ``features`` [B, N, 554] float (per video frame: head pose 6, eye 6, emotion 30,

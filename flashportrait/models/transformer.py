@@ -149,7 +149,7 @@ class FlashPortraitAttnProcessor(WanAttnProcessor):
                     f"{seq_len} video tokens cannot be split into {num_frames} latent frames of expression tokens."
                 )
             frame_query = query.reshape(batch_size * num_frames, seq_len // num_frames, *query.shape[2:])
-            tokens = expression_tokens.flatten(0, 1).to(attn.emo_k_proj.weight.dtype)
+            tokens = expression_tokens.flatten(0, 1).to(query.dtype)  # compute dtype (weights may be stored in fp8)
             emo_key = attn.emo_k_proj(tokens).unflatten(2, (attn.heads, -1))
             emo_value = attn.emo_v_proj(tokens).unflatten(2, (attn.heads, -1))
             expression = attend(frame_query, emo_key, emo_value).reshape(hidden_states.shape)
