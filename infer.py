@@ -15,6 +15,8 @@ Flags keep the names of the authors' ``infer.py``; the sampling itself is ``flas
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,9 +66,11 @@ def main(args):
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type != "cpu" else "float32")]
     if dtype == torch.float16 and device.type == "cpu":
         raise SystemExit("--dtype float16 is not usable on the CPU (about 1 GFLOP/s); use float32 or bfloat16")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.tiny:
+        window_given = args.sub_num_frames is not None or args.latents_num_frames is not None
         for key, value in TINY_DEFAULTS.items():
-            if getattr(args, key) is None:
+            if getattr(args, key) is None and not (key == "context_size" and window_given):
                 setattr(args, key, value)
     context_size = resolve_context_size(args.context_size, args.sub_num_frames, args.latents_num_frames)
     steps = args.num_inference_steps or DEFAULT_NUM_INFERENCE_STEPS
@@ -218,4 +222,6 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from flashportrait.cli import run_main
+
+    sys.exit(run_main(main, parse_args()))

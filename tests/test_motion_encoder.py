@@ -90,3 +90,13 @@ def test_strict_loading_refuses_bad_files(tmp_path, random_state_dict, change, k
         load_pdfgc_motion_encoder(path)
     message = str(info.value)
     assert key in message and str(path) in message and change in message
+
+
+def test_width_scales_the_trunk_and_rejects_bad_values():
+    narrow = PDFGCMotionEncoder(width=16)
+    assert narrow.model.conv4.conv1.out_channels == 32  # ConvBlock(32 -> 64): first stage is out / 2
+    assert narrow.model.l0.in_channels == 64 and narrow.model.l0.out_channels == 68
+    with torch.no_grad():
+        assert narrow.eval()(torch.zeros(1, 3, 224, 224)).shape == (1, 554)
+    with pytest.raises(ValueError, match="width"):
+        PDFGCMotionEncoder(width=10)

@@ -120,11 +120,16 @@ def test_interfaces_fit_together(components):
     assert not torch.allclose(with_expr, without)  # the random emo projections make expression matter
 
 
-def test_motion_encoder_is_the_released_architecture(components):
+def test_motion_encoder_is_a_narrow_pdfgc(components):
     from flashportrait.models.motion_encoder import PDFGCMotionEncoder
 
-    assert isinstance(components["motion_encoder"], PDFGCMotionEncoder)
-    assert _n_params(components["motion_encoder"]) == _n_params(PDFGCMotionEncoder())
+    encoder = components["motion_encoder"]
+    assert isinstance(encoder, PDFGCMotionEncoder)
+    assert encoder.model.conv1.out_channels == tiny.TINY_MOTION_ENCODER_WIDTH
+    assert _n_params(encoder) < _n_params(PDFGCMotionEncoder()) / 3
+    with torch.no_grad():
+        out = encoder(torch.rand(2, 3, 224, 224) * 2 - 1)
+    assert out.shape == (2, 554) and torch.isfinite(out).all()
 
 
 def test_write_tiny_folder_rejects_unknown_layout(tmp_path):

@@ -96,20 +96,24 @@ class FANTrunk(nn.Module):
     128->256; hourglass (depth 4, 256 ch); ConvBlock ``top_m_0``; 1x1 conv ``conv_last0`` + BN
     ``bn_end0`` + ReLU; ReLU -> 1x1 conv ``l0`` to 68 heatmaps; BN ``bn5`` + ReLU; conv3x3/2 ``conv6``
     (68->1, 28x28 map for a 224 input); flatten (784); ReLU; Linear 784->512 ``fc`` (SPEC.md section 2).
+    ``width`` scales the channel counts (64 / 128 / 256 released); only the ``--tiny`` family changes it.
     """
 
-    def __init__(self, num_landmarks: int = 68, feature_dim: int = 512, input_size: int = 224):
+    def __init__(self, num_landmarks: int = 68, feature_dim: int = 512, input_size: int = 224, width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.conv2 = ConvBlock(64, 128)
-        self.conv3 = ConvBlock(128, 128)
-        self.conv4 = ConvBlock(128, 256)
-        self.m0 = HourGlass(depth=4, channels=256)
-        self.top_m_0 = ConvBlock(256, 256)
-        self.conv_last0 = nn.Conv2d(256, 256, kernel_size=1)
-        self.bn_end0 = nn.BatchNorm2d(256)
-        self.l0 = nn.Conv2d(256, num_landmarks, kernel_size=1)
+        if width % 4 != 0 or width < 4:
+            raise ValueError(f"width must be a positive multiple of 4 (released 64), got {width}")
+        w1, w2, w4 = width, 2 * width, 4 * width  # released: 64, 128, 256
+        self.conv1 = nn.Conv2d(3, w1, kernel_size=7, stride=2, padding=3)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.conv2 = ConvBlock(w1, w2)
+        self.conv3 = ConvBlock(w2, w2)
+        self.conv4 = ConvBlock(w2, w4)
+        self.m0 = HourGlass(depth=4, channels=w4)
+        self.top_m_0 = ConvBlock(w4, w4)
+        self.conv_last0 = nn.Conv2d(w4, w4, kernel_size=1)
+        self.bn_end0 = nn.BatchNorm2d(w4)
+        self.l0 = nn.Conv2d(w4, num_landmarks, kernel_size=1)
         self.bn5 = nn.BatchNorm2d(num_landmarks)
         self.conv6 = nn.Conv2d(num_landmarks, 1, kernel_size=3, stride=2, padding=1)
         side = input_size // 8  # /2 conv1, /2 max-pool, /2 conv6
@@ -143,16 +147,17 @@ class PDFGCMotionEncoder(DeviceDtypeMixin, nn.Module):
     template of :data:`flashportrait.config.FACE_TEMPLATE_5PTS`. Returns [B, 554] float32: head pose 6,
     eye 6, emotion 30, mouth 512 concatenated in that order (:data:`flashportrait.config.EXPRESSION_PARTS`).
 
-    ``__init__`` builds the released size with random weights; use :func:`load_pdfgc_motion_encoder`
-    for ``pd_fpg.pth``. Meant for eval mode only (the loader returns it frozen and in eval mode).
+    ``__init__`` builds the released size (``width`` 64) with random weights; use
+    :func:`load_pdfgc_motion_encoder` for ``pd_fpg.pth``. A smaller ``width`` (trunk channels) is only
+    for the ``--tiny`` model family. Meant for eval mode only (the loader returns it frozen and in eval mode).
     ``mouth_embed`` (512 -> 500) is held only because the released file has it; it is never used.
     """
 
-    def __init__(self):
+    def __init__(self, width: int = 64):
         super().__init__()
         dims = dict(EXPRESSION_PARTS)
         feat = dims["mouth"]  # 512: trunk feature width = mouth feature width
-        self.model = FANTrunk(feature_dim=feat)
+        self.model = FANTrunk(feature_dim=feat, width=width)
         self.to_mouth = _head(feat)
         self.mouth_embed = _embed(feat, feat - dims["headpose"] - dims["eye"])  # unused, in the file
         self.to_headpose = _head(feat)

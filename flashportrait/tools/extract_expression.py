@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import cv2
@@ -102,4 +103,6 @@ if __name__ == "__main__":
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache file beside the video")
     parser.add_argument("--cache-dir", default=None, help="cache folder (default: next to the video)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
-    main(parser.parse_args())
+    from flashportrait.cli import run_main
+
+    sys.exit(run_main(main, parser.parse_args()))
