@@ -9,8 +9,8 @@ Data flow (SPEC.md sections 1, 2, 4):
    hidden states, 257 tokens);
 3. the VAE encodes ``[reference, zeros ...]`` of one window's length; with the 4 mask channels (1 on
    latent frame 0) these are the 20 condition channels every window gets;
-4. the portrait encoder turns the driving features ``[N, 554]`` into ``N * 24`` tokens once; each window
-   takes its own video frames' tokens (:class:`~flashportrait.sampling.ExpressionTokenWindows`);
+4. each window's expression tokens are encoded on demand by the portrait encoder from its own video
+   frames' features (:class:`~flashportrait.sampling.ExpressionTokenWindows`; memory flat in length);
 5. one seeded noise tensor for the whole video; per step every window is denoised with the guidance
    branches as one batch, the velocities are blended and the scheduler steps the full latent once
    (:func:`~flashportrait.sampling.sample_windows`);
@@ -80,8 +80,6 @@ __all__ = [
 DEFAULT_FPS = 25.0
 #: size multiple of both output sides (VAE 8x times the transformer's 2x2 patches)
 SIZE_MULTIPLE = 16
-#: video frames per portrait-encoder forward (bounds activation memory for long videos)
-PORTRAIT_ENCODER_CHUNK = 256
 
 
 # --- small pure helpers ---------------------------------------------------------------------------------
@@ -232,10 +230,11 @@ class FlashPortraitPipeline(DiffusionPipeline):
     need none).
     """
 
-    model_cpu_offload_seq = "text_encoder->image_encoder->portrait_encoder->transformer->vae"
+    model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
     _optional_components = ["motion_encoder"]
-    # small, and moved by the expression extractor itself: kept whole on the execution device
-    _exclude_from_cpu_offload = ["motion_encoder"]
+    # small next to the transformer and called per window (portrait encoder) or moved by the expression
+    # extractor itself (motion encoder): kept whole on the execution device
+    _exclude_from_cpu_offload = ["portrait_encoder", "motion_encoder"]
 
     def __init__(
         self,
@@ -395,17 +394,6 @@ class FlashPortraitPipeline(DiffusionPipeline):
         latents = normalize_latents(self.vae, self.vae.encode(video).latent_dist.mode())
         mask = first_frame_mask(num_latent_frames, *latents.shape[-2:], device=latents.device)
         return torch.cat([mask.expand(latents.shape[0], -1, -1, -1, -1), latents], dim=1)
-
-    @torch.no_grad()
-    def encode_expressions(self, features: torch.Tensor) -> torch.Tensor:
-        """Portrait-encoder tokens ``[1, N * T, C]`` for features ``[N, 554]`` (chunks of frames)."""
-        device = self._module_device(self.portrait_encoder, self._execution_device)
-        dtype = self.portrait_encoder.dtype
-        chunks = [
-            self.portrait_encoder(part[None].to(device=device, dtype=dtype))
-            for part in features.split(PORTRAIT_ENCODER_CHUNK)
-        ]
-        return torch.cat(chunks, dim=1)
 
     # -- checks --------------------------------------------------------------------------------------------
 
@@ -617,9 +605,14 @@ class FlashPortraitPipeline(DiffusionPipeline):
             negative_embeds = self.encode_prompt(negative_prompt if negative_prompt is not None else "")
         image_embeds = self.encode_image(image)
         condition = self.encode_condition(pixels, window_length)
-        tokens = self.encode_expressions(features)
+        encoder_device = self._module_device(self.portrait_encoder, device)
+
+        def encode_tokens(part: torch.Tensor) -> torch.Tensor:  # [1, n, 554] -> [1, n * 24, 2048]
+            tokens = self.portrait_encoder(part.to(device=encoder_device, dtype=self.portrait_encoder.dtype))
+            return tokens.to(device=device, dtype=compute_dtype)
+
         token_windows = ExpressionTokenWindows(
-            tokens.to(device=device, dtype=compute_dtype), tokens_per_frame=self.portrait_encoder.tokens_per_frame
+            features, encode_tokens, tokens_per_frame=self.portrait_encoder.tokens_per_frame
         )
         denoiser = WindowDenoiser(
             self.transformer,

@@ -171,45 +171,65 @@ def first_frame_mask(num_latent_frames: int, height: int, width: int, device=Non
 
 
 class ExpressionTokenWindows:
-    """Per-window expression tokens from the whole video's frame-major tokens (SPEC.md sections 2, 4).
+    """Per-window expression tokens, encoded on demand from the driving features (SPEC.md sections 2, 4).
 
-    The portrait encoder maps each video frame to its own ``T`` tokens (24 released) independently of
-    its neighbours, so the whole driving video is encoded once (``tokens [B, N*T, C]``) and a window of
-    latent frames ``a .. b-1`` takes the tokens of video frames ``4a .. 4(b-1)``, split per latent frame
-    into ``[B, b - a, 4T + 1, C]`` as a clip of its own (the window's first latent frame plays the
-    reference slot and gets only video frame ``4a``'s tokens plus zero padding).
+    The portrait encoder maps each video frame to its own ``T`` tokens (24 released) independently of its
+    neighbours, so a window of latent frames ``a .. b-1`` is given exactly the tokens of its video frames
+    ``4a .. 4(b-1)`` by encoding just those frames, split per latent frame into ``[B, b - a, 4T + 1, C]``
+    as a clip of its own (the window's first latent frame plays the reference slot and gets only video
+    frame ``4a``'s tokens plus zero padding). Only the ``[N, 554]`` features are held (2.2 KB per frame
+    in float32) instead of the whole video's tokens (``24 x 2048`` numbers, 196 KB per frame), so memory
+    does not grow with video length; the encoder is small next to the transformer it feeds.
 
     Args:
-        tokens: ``[B, N * T, C]`` with ``N >= 4(F - 1) + 1`` video frames for the ``F``-frame latent.
+        features: ``[N, D]`` per-video-frame features (``D = 554``), ``N >= 4(F - 1) + 1`` for the
+            ``F``-frame latent; or ``[B, N, D]``.
+        encode: ``encode(features [B, n, D]) -> tokens [B, n * T, C]`` (frame-major), e.g. the portrait
+            encoder followed by a move to the transformer's device and dtype.
         tokens_per_frame: ``T``.
         split: ``split(tokens [B, n*T, C], num_latent_frames) -> [B, L, 4T+1, C]``; defaults to
             :func:`flashportrait.models.portrait_encoder.split_tokens_per_latent_frame`.
+
+    Raises:
+        ValueError: features that are not 2- or 3-D; (on call) a window beyond the features, or an
+            encoder whose output is not ``T`` tokens per frame.
     """
 
-    def __init__(self, tokens: torch.Tensor, tokens_per_frame: int = TOKENS_PER_FRAME, split=None):
-        if tokens.ndim != 3 or tokens.shape[1] % tokens_per_frame != 0:
-            raise ValueError(
-                f"tokens must be [B, N*{tokens_per_frame}, C] (frame-major), got shape {tuple(tokens.shape)}"
-            )
+    def __init__(
+        self,
+        features: torch.Tensor,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        tokens_per_frame: int = TOKENS_PER_FRAME,
+        split=None,
+    ):
+        if features.ndim not in (2, 3):
+            raise ValueError(f"features must be [N, D] or [B, N, D], got shape {tuple(features.shape)}")
         if split is None:
             from .models.portrait_encoder import split_tokens_per_latent_frame
 
             def split(t, n):
                 return split_tokens_per_latent_frame(t, n, tokens_per_frame=tokens_per_frame)
 
-        self.tokens = tokens
+        self.features = features if features.ndim == 3 else features[None]
+        self.encode = encode
         self.tokens_per_frame = tokens_per_frame
-        self.num_video_frames = tokens.shape[1] // tokens_per_frame
+        self.num_video_frames = self.features.shape[1]
         self._split = split
 
     def __call__(self, window: range) -> torch.Tensor:
         frames = window_video_frames(window)
         if frames.stop > self.num_video_frames:
             raise ValueError(
-                f"window {window} needs video frames up to {frames.stop - 1}, the tokens cover {self.num_video_frames}"
+                f"window {window} needs video frames up to {frames.stop - 1}, the features cover {self.num_video_frames}"
             )
-        t = self.tokens_per_frame
-        return self._split(self.tokens[:, frames.start * t : frames.stop * t], len(window))
+        tokens = self.encode(self.features[:, frames.start : frames.stop])
+        expected = len(frames) * self.tokens_per_frame
+        if tokens.ndim != 3 or tokens.shape[1] != expected:
+            raise ValueError(
+                f"the expression encoder returned shape {tuple(tokens.shape)} for {len(frames)} frames; expected "
+                f"[B, {expected}, C] ({self.tokens_per_frame} tokens per frame, frame-major)"
+            )
+        return self._split(tokens, len(window))
 
 
 class WindowDenoiser:

@@ -107,15 +107,25 @@ def test_first_frame_mask():
 
 def test_expression_token_windows_take_the_windows_own_frames():
     t, c, frames = 2, 3, 13  # 13 video frames = 4 latent frames
-    tokens = torch.arange(frames, dtype=torch.float32).repeat_interleave(t).view(1, frames * t, 1).expand(1, -1, c)
-    get = ExpressionTokenWindows(tokens, tokens_per_frame=t)
+    features = torch.arange(frames, dtype=torch.float32)[:, None].expand(-1, c)  # frame index as its feature
+    calls = []
+
+    def encode(part):  # [1, n, c] -> [1, n * t, c]: T copies of each frame's features, frame-major
+        calls.append(part.shape[1])
+        return part.repeat_interleave(t, dim=1)
+
+    get = ExpressionTokenWindows(features, encode, tokens_per_frame=t)
     w = get(range(1, 4))  # video frames 4..12
     assert w.shape == (1, 3, 4 * t + 1, c)
     assert w[0, 0, :t, 0].tolist() == [4.0, 4.0]  # the window's first latent frame = video frame 4
     assert w[0, 0, t:].eq(0).all()  # zero padding at the end
     assert set(w[0, 2, :, 0].tolist()) == {8.0, 9.0, 10.0, 11.0, 12.0}
+    assert calls == [9]  # only the window's own video frames were encoded
     with pytest.raises(ValueError, match="video frames"):
         get(range(2, 5))
+    bad = ExpressionTokenWindows(features, lambda part: part, tokens_per_frame=t)  # 1 token per frame
+    with pytest.raises(ValueError, match="tokens per frame"):
+        bad(range(0, 2))
 
 
 def _tiny_transformer():
@@ -185,3 +195,19 @@ def test_window_denoiser_batched_branches_equal_separate_calls():
                 )
                 v = den(x, t, range(0, frames))
                 torch.testing.assert_close(v, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_window_tokens_equal_slices_of_the_whole_video_encoding():
+    """Encoding only a window's frames gives exactly the tokens of encoding the whole video (per-frame encoder)."""
+    from flashportrait.models.portrait_encoder import split_tokens_per_latent_frame
+    from flashportrait.tiny import build_tiny_portrait_encoder
+
+    encoder = build_tiny_portrait_encoder(0)
+    features = torch.randn(21, 554, generator=torch.Generator().manual_seed(0))  # 6 latent frames
+    with torch.no_grad():
+        whole = encoder(features[None])
+        get = ExpressionTokenWindows(features, encoder, tokens_per_frame=24)
+        for window in context_windows(6, 3, 1):
+            frames = range(4 * window.start, 4 * (window.stop - 1) + 1)
+            expected = split_tokens_per_latent_frame(whole[:, frames.start * 24 : frames.stop * 24], len(window))
+            assert torch.allclose(get(window), expected, atol=1e-5), window
