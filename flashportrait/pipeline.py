@@ -316,17 +316,8 @@ class FlashPortraitPipeline(DiffusionPipeline):
         from .sampling import make_scheduler
         from .tiny import build_tiny_components
 
-        c = build_tiny_components(seed=seed, dtype=dtype)
-        return cls(
-            tokenizer=c["tokenizer"],
-            text_encoder=c["text_encoder"],
-            image_encoder=c["image_encoder"],
-            vae=c["vae"],
-            transformer=c["transformer"],
-            portrait_encoder=c["portrait_encoder"],
-            scheduler=make_scheduler(sampler, DEFAULT_SHIFT if shift is None else shift),
-            motion_encoder=c.get("motion_encoder"),
-        )
+        components = build_tiny_components(seed=seed, dtype=dtype)
+        return cls(**components, scheduler=make_scheduler(sampler, DEFAULT_SHIFT if shift is None else shift))
 
     # -- helpers -------------------------------------------------------------------------------------------
 
