@@ -293,3 +293,13 @@ def test_from_single_file_with_local_config(tmp_path, reference_model):
     loaded = FlashPortraitTransformer3DModel.from_single_file(str(path), config=str(config_dir), torch_dtype=torch.float32)
     assert isinstance(loaded, FlashPortraitTransformer3DModel)
     _same_weights(loaded, reference_model)
+
+
+def test_shipped_14b_config_matches_the_released_sizes():
+    from flashportrait.checkpoints.transformer import resolve_transformer_config
+
+    from .conftest import REPO_ROOT
+
+    shipped = resolve_transformer_config(REPO_ROOT / "configs" / "flashportrait_14b" / "transformer" / "config.json")
+    assert {k: shipped[k] for k in WAN_I2V_14B_CONFIG} == WAN_I2V_14B_CONFIG
+    assert shipped["expression_dim"] == 2048
