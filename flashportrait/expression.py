@@ -42,7 +42,7 @@ from flashportrait.config import EXPRESSION_DIM, EXPRESSION_PARTS, FACE_CROP_SIZ
 from flashportrait.face.align import align_face, to_model_input
 from flashportrait.face.detector import FaceDetector, create_detector
 from flashportrait.face.tracking import frame_ranges, track_face
-from flashportrait.video_io import frame_timestamps, iter_frames, probe_video, resample_indices
+from flashportrait.video_io import VideoReadError, frame_timestamps, iter_frames, probe_video, resample_indices
 
 __all__ = [
     "ExpressionFeatures",
@@ -358,7 +358,7 @@ def extract_expression_features(
         decode_indices = np.arange(len(detections), dtype=np.int64)
         selected = decode_indices
     elif len(detections) != len(decode_indices):
-        raise RuntimeError(f"{video}: decoded {len(detections)} of {len(decode_indices)} frames; is the file truncated?")
+        raise VideoReadError(f"{video}: decoded {len(detections)} of {len(decode_indices)} frames; is the file truncated?")
 
     # --- tracking ---------------------------------------------------------------------------------------
     track = track_face(
