@@ -272,6 +272,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
         sampler: str = "euler",
         shift: float | None = None,
         dtype: torch.dtype = torch.bfloat16,
+        portrait_encoder_config=None,
     ) -> FlashPortraitPipeline:
         """Build the pipeline from the files users download (SPEC.md section 3), on the CPU.
 
@@ -284,6 +285,12 @@ class FlashPortraitPipeline(DiffusionPipeline):
             sampler, shift: see :func:`flashportrait.sampling.make_scheduler`.
             dtype: transformer, text / image encoder and portrait encoder dtype (the VAE stays float32,
                 the motion encoder float32).
+            portrait_encoder_config: :class:`~flashportrait.models.portrait_encoder.PortraitEncoderConfig`
+                of ``portrait_encoder.pt`` (``None``: the released sizes; its head count cannot be read from
+                the file).
+
+        Raises:
+            CheckpointError: any file that is missing, unreadable or does not fit (naming file and keys).
         """
         from .checkpoints.transformer import load_flashportrait_transformer
         from .checkpoints.wan_components import load_wan_i2v_components
@@ -294,7 +301,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
 
         wan = load_wan_i2v_components(wan_model_dir, dtype=dtype, device="cpu")
         transformer = load_flashportrait_transformer(transformer_path, wan_model_dir, dtype=dtype)
-        portrait_encoder = load_portrait_encoder(portrait_encoder_path, dtype=dtype)
+        portrait_encoder = load_portrait_encoder(portrait_encoder_path, portrait_encoder_config, dtype=dtype)
         motion_encoder = load_pdfgc_motion_encoder(pd_fpg_model_path) if pd_fpg_model_path is not None else None
         return cls(
             tokenizer=wan["tokenizer"],
