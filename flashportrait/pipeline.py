@@ -337,14 +337,6 @@ class FlashPortraitPipeline(DiffusionPipeline):
         except (ImportError, StopIteration, ValueError):
             return fallback
 
-    @property
-    def transformer_compute_dtype(self) -> torch.dtype:
-        """The dtype the transformer computes in (bf16 when its weights are stored in float8)."""
-        dtype = self.transformer.dtype
-        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return torch.bfloat16
-        return dtype
-
     @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str], max_sequence_length: int = TEXT_MAX_LENGTH) -> torch.Tensor:
         """umT5 embeddings ``[B, max_sequence_length, D]`` float32, zero past each prompt's real length.
@@ -596,7 +588,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
 
         # 3. conditioning
-        compute_dtype = self.transformer_compute_dtype
+        compute_dtype = self.transformer.dtype  # the compute dtype also under fp8 layerwise casting
         prompt_embeds = self.encode_prompt(prompt)
         negative_embeds = None
         if "U" in plan.branches:

@@ -91,13 +91,29 @@ def test_zero_initialised_projections_still_add_mean():
 
 
 def test_image_text_split_uses_image_token_count_not_512():
-    model = tiny_model()
-    inputs = tiny_inputs(text_len=8)
-    out = run(model, **inputs, expression_scale=1.0)
-    # changing only text tokens changes the output; the image part is untouched by a different text length
-    longer = dict(inputs, encoder_hidden_states=torch.cat([inputs["encoder_hidden_states"], torch.zeros(1, 4, 16)], 1))
-    assert out.shape == run(model, **longer).shape
-    assert torch.isfinite(out).all()
+    """With 8 text tokens (not diffusers' hard-coded 512) the first 257 context tokens are the image."""
+    import torch.nn.functional as F
+
+    attn = tiny_model().blocks[0].attn2
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 12, 32, generator=g)
+    image, text = torch.randn(1, 257, 32, generator=g), torch.randn(1, 8, 32, generator=g)
+    with torch.no_grad():
+        out = attn(x, torch.cat([image, text], dim=1), None, None, num_image_tokens=257)
+
+        def heads(t):
+            return t.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+
+        q = heads(attn.norm_q(attn.to_q(x)))
+        text_part = F.scaled_dot_product_attention(q, heads(attn.norm_k(attn.to_k(text))), heads(attn.to_v(text)))
+        image_part = F.scaled_dot_product_attention(
+            q, heads(attn.norm_added_k(attn.add_k_proj(image))), heads(attn.add_v_proj(image))
+        )
+        expected = attn.to_out[0]((text_part + image_part).transpose(1, 2).flatten(2))
+    assert relative_l2(out, expected) < 1e-6
+    with torch.no_grad():  # a wrong split (e.g. 512 text tokens assumed) would give something else
+        wrong = attn(x, torch.cat([image, text], dim=1), None, None, num_image_tokens=250)
+    assert relative_l2(wrong, expected) > 1e-3
 
 
 def test_batched_per_sample_scale_equals_separate_calls():
