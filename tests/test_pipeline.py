@@ -80,8 +80,7 @@ def test_pipeline_end_to_end_with_synthetic_features():
     n = 15  # -> 13 usable driving frames (4k+1), 4 latent frames, 12 output frames
     feats = torch.randn(n, EXPRESSION_DIM, generator=torch.Generator().manual_seed(0))
     seen = []
-    out = pipe(
-        _reference(),
+    kwargs = dict(
         expression_features=feats,
         prompt="a person talking",
         num_inference_steps=2,
@@ -90,26 +89,13 @@ def test_pipeline_end_to_end_with_synthetic_features():
         text_cfg_scale=2.0,
         emo_cfg_scale=3.0,
         max_size=32,
-        generator=torch.Generator().manual_seed(0),
-        callback=seen.append,
     )
+    out = pipe(_reference(), generator=torch.Generator().manual_seed(0), callback=seen.append, **kwargs)
     assert out.frames.shape == (12, 32, 32, 3) and out.frames.dtype == np.uint8
     assert out.num_frames == 12 and out.fps == 25.0
     assert [d["step"] for d in seen] == [0, 1]
     # the same seed gives the same latents; the latent path skips decoding
-    lat = pipe(
-        _reference(),
-        expression_features=feats,
-        prompt="a person talking",
-        num_inference_steps=2,
-        context_size=3,
-        context_overlap=1,
-        text_cfg_scale=2.0,
-        emo_cfg_scale=3.0,
-        max_size=32,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-    ).latents
+    lat = pipe(_reference(), generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).latents
     torch.testing.assert_close(lat, seen[-1]["latents"])
 
 
