@@ -5,6 +5,9 @@ Inference, training, tests and tools import these names instead of repeating num
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # --- expression features (SPEC.md section 2) -------------------------------------------------------
 #: PD-FGC output parts, in the order they are concatenated per frame
 EXPRESSION_PARTS: tuple[tuple[str, int], ...] = (("headpose", 6), ("eye", 6), ("emotion", 30), ("mouth", 512))
@@ -61,6 +64,10 @@ DEFAULT_CONTEXT_OVERLAP = 30  # latent frames
 DEFAULT_EMO_CFG_SCALE = 4.0
 DEFAULT_TEXT_CFG_SCALE = 1.0
 DEFAULT_MAX_SIZE = 720
+#: largest longer side (pixels) of the released resolutions (1280x720); larger needs --allow_large_size
+MAX_RELEASED_SIZE = 1280
+#: output frame rate when neither --fps nor a driving video's rate is known (SPEC.md section 1)
+DEFAULT_FPS = 25.0
 DEFAULT_PROMPT = "The protagonist is talking"
 DEFAULT_NEGATIVE_PROMPT = (
     "Vivid tones, overexposed, static, blurred details, subtitles, style, artwork, painting, picture, still, "
@@ -68,3 +75,13 @@ DEFAULT_NEGATIVE_PROMPT = (
     "hands, poorly drawn face, malformed, disfigured, deformed limbs, fused fingers, still picture, cluttered "
     "background, three legs, many people in the background, walking backwards"
 )
+
+
+def default_cache_dir() -> Path:
+    """Where caches go (expression features, demo inputs): ``$FLASHPORTRAIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/flashportrait``, else ``~/.cache/flashportrait``. Never beside the user's inputs;
+    deleting the folder clears every cache."""
+    if os.environ.get("FLASHPORTRAIT_CACHE_DIR"):
+        return Path(os.environ["FLASHPORTRAIT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "flashportrait"

@@ -13,13 +13,16 @@ Pipeline of `extract_expression_features`:
 The result has exactly one row per video frame used, in order (`frame_indices` says which source frames).
 
 Cache
-    With `cache=True` the result is stored as `<video name>.expression-<key>.pt` next to the video, where
-    the key hashes the video's bytes, every setting that changes the numbers (detector and its settings,
-    frame selection, smoothing) and the motion encoder's weights. A second run with the same inputs loads
-    it instead of extracting. If the video's folder is not writable (e.g. a read-only share, recognised by
-    its permission bits even when running as root), the cache
-    goes to `$FLASHPORTRAIT_CACHE_DIR` or `~/.cache/flashportrait/expression/`; if that fails too, the run
-    continues without a cache (one log line). Cache files are written atomically (temp file + rename).
+    With `cache=True` the result is stored as `<video name>.expression-<key>.pt` in the cache folder
+    (`cache_dir`, default `<user cache>/flashportrait/expression`, see `flashportrait.config.default_cache_dir`;
+    never beside the user's video), where the key hashes the video's bytes, every setting that changes the
+    numbers (detector and its settings, frame selection, smoothing) and the motion encoder's weights. A second
+    run with the same inputs loads it instead of extracting. If the folder cannot be written, the run continues
+    without a cache (one log line). Cache files are written atomically (temp file + rename).
+
+Warnings
+    A face whose box is under `SMALL_FACE_PX` pixels (median over the frames) is logged: PD-FGC then sees a
+    crop enlarged from a few pixels and its numbers carry little expression.
 """
 
 from __future__ import annotations
@@ -39,10 +42,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flashportrait.config import EXPRESSION_DIM, EXPRESSION_PARTS, FACE_CROP_SIZE
+from flashportrait.config import default_cache_dir as config_cache_dir
 from flashportrait.face.align import align_face, to_model_input
 from flashportrait.face.detector import FaceDetector, create_detector
 from flashportrait.face.tracking import frame_ranges, track_face
-from flashportrait.video_io import VideoReadError, frame_timestamps, iter_frames, probe_video, resample_indices
+from flashportrait.video_io import (
+    VideoReadError,
+    check_decoded_count,
+    frame_timestamps,
+    iter_frames,
+    probe_video,
+    resample_indices,
+)
 
 __all__ = [
     "ExpressionFeatures",
@@ -56,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 #: bump when the extraction changes in a way that invalidates old cache files
 CACHE_VERSION = 1
+#: a driving face smaller than this (pixels, the shorter side of its box, median over frames) is warned about
+SMALL_FACE_PX = 40
 
 
 @dataclass
@@ -133,11 +146,8 @@ class ExpressionFeatures:
 
 
 def default_cache_dir() -> Path:
-    """Fallback cache folder: `$FLASHPORTRAIT_CACHE_DIR`, else `$XDG_CACHE_HOME/flashportrait/expression`."""
-    if os.environ.get("FLASHPORTRAIT_CACHE_DIR"):
-        return Path(os.environ["FLASHPORTRAIT_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "flashportrait" / "expression"
+    """The expression cache folder: `<flashportrait.config.default_cache_dir()>/expression`."""
+    return config_cache_dir() / "expression"
 
 
 def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -188,12 +198,20 @@ def _looks_writable(folder: Path) -> bool:
     return bool(mode & 0o222) and os.access(folder, os.W_OK)
 
 
-def _cache_candidates(video: Path, key: str, cache_dir: str | os.PathLike | None) -> list[Path]:
-    name = f"{video.name}.expression-{key[:16]}.pt"
-    if cache_dir is not None:
-        return [Path(cache_dir) / name]
-    # in the fallback folder, two videos of one name elsewhere must not collide: the key covers the content
-    return [video.parent / name, default_cache_dir() / name]
+def _cache_path(video: Path, key: str, cache_dir: str | os.PathLike | None) -> Path:
+    """The cache file of ``video`` (two videos of one name never collide: the key covers the content)."""
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return folder / f"{video.name}.expression-{key[:16]}.pt"
+
+
+def _progress_bar(progress, total: int, desc: str):
+    """A tqdm bar: ``progress`` is a bool (show or not) or a factory ``progress(total=...)`` such as a
+    diffusers pipeline's ``progress_bar`` (which applies the pipeline's progress settings)."""
+    if callable(progress):
+        bar = progress(total=total)
+        bar.set_description(desc)
+        return bar
+    return tqdm(total=total, desc=desc, unit="frame", disable=not progress)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,8 +294,9 @@ def extract_expression_features(
         max_gap_s: longest stretch without a detected face that is filled by interpolation, in seconds.
         min_detected_fraction: stop if the face is detected in fewer frames than this fraction.
         cache: load / store the result in a cache file (see the module docstring).
-        cache_dir: put the cache file here instead of next to the video.
-        progress: show progress bars.
+        cache_dir: the cache folder (default `default_cache_dir()`; never beside the video).
+        progress: show progress bars (a bool), or a factory ``progress(total=...) -> tqdm`` (e.g. a
+            diffusers pipeline's ``progress_bar``).
 
     Returns:
         `ExpressionFeatures` with one row per frame used.
@@ -307,19 +326,18 @@ def extract_expression_features(
         "min_detected_fraction": min_detected_fraction,
         "crop_size": FACE_CROP_SIZE,
     }
-    candidates: list[Path] = []
+    cache_path = None
     if cache:
         key_src = {"video_sha256": _file_sha256(video), "settings": settings, "encoder": encoder_identity(motion_encoder)}
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()
-        candidates = _cache_candidates(video, key, cache_dir)
-        for path in candidates:
-            if path.is_file():
-                try:
-                    result = ExpressionFeatures.load(path)
-                    logger.info("%s: expression features loaded from cache %s", video, path)
-                    return result
-                except Exception as err:  # noqa: BLE001 - a broken cache file is recomputed, not fatal
-                    logger.warning("%s: ignoring unreadable cache file %s (%s)", video, path, err)
+        cache_path = _cache_path(video, key, cache_dir)
+        if cache_path.is_file():
+            try:
+                result = ExpressionFeatures.load(cache_path)
+                logger.info("%s: expression features loaded from cache %s", video, cache_path)
+                return result
+            except Exception as err:  # noqa: BLE001 - a broken cache file is recomputed, not fatal
+                logger.warning("%s: ignoring unreadable cache file %s (%s)", video, cache_path, err)
 
     # --- which source frames ----------------------------------------------------------------------------
     if target_fps is not None:
@@ -331,8 +349,8 @@ def extract_expression_features(
     else:
         if info.is_vfr:
             logger.warning(
-                "%s has a variable frame rate; using every frame at the average %.3f fps. Pass target_fps "
-                "for constant-rate resampling by timestamps.", video, info.fps,
+                "%s has a variable frame rate; using every frame at the average %.3f fps. For constant-rate "
+                "resampling by timestamps pass --fps (infer.py) or target_fps.", video, info.fps,
             )
         selected = None
         fps = info.fps
@@ -342,7 +360,7 @@ def extract_expression_features(
     total = len(decode_indices) if decode_indices is not None else min(info.num_frames, max_frames or info.num_frames)
     detections = []
     batch: list[np.ndarray] = []
-    bar = tqdm(total=total, desc=f"detect faces ({video.name})", unit="frame", disable=not progress)
+    bar = _progress_bar(progress, total, f"detect faces ({video.name})")
     frames_iter = iter_frames(video, max_frames=max_frames if selected is None else None, indices=decode_indices)
     for frame in frames_iter:
         batch.append(frame)
@@ -354,6 +372,7 @@ def extract_expression_features(
         detections.extend(detector.detect_batch(batch))
         bar.update(len(batch))
     bar.close()
+    check_decoded_count(video, len(detections), total)
     if selected is None:
         decode_indices = np.arange(len(detections), dtype=np.int64)
         selected = decode_indices
@@ -373,6 +392,13 @@ def extract_expression_features(
             "%s: no face detected in %d of %d frames (%s); their points were interpolated.",
             video, track.num_interpolated, len(track), frame_ranges(decode_indices[track.interpolated_frames]),
         )
+    face_px = float(np.median(np.minimum(track.boxes[:, 2] - track.boxes[:, 0], track.boxes[:, 3] - track.boxes[:, 1])))
+    if face_px < SMALL_FACE_PX:
+        logger.warning(
+            "%s: the face is only about %.0f pixels wide; the expression encoder sees a 224-pixel crop enlarged from "
+            "it, so expressions will be weak. Use a video where the face is at least %d pixels.",
+            video, face_px, SMALL_FACE_PX,
+        )
 
     # --- pass 2: align + encode -------------------------------------------------------------------------
     motion_encoder = motion_encoder.to(device).eval()
@@ -380,7 +406,7 @@ def extract_expression_features(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     outputs: list[torch.Tensor] = []
     crops: list[np.ndarray] = []
-    bar = tqdm(total=len(decode_indices), desc="encode expressions", unit="frame", disable=not progress)
+    bar = _progress_bar(progress, len(decode_indices), "encode expressions")
     with torch.inference_mode():
         for crop, _ in iter_aligned_crops(video, track.landmarks, decode_indices):
             crops.append(crop)
@@ -408,17 +434,13 @@ def extract_expression_features(
         settings=settings,
     )
 
-    for path in candidates:
-        if not _looks_writable(path.parent):
-            logger.info("%s: %s is read-only; not caching there.", video, path.parent)
-            continue
-        try:
-            result.save(path)
-            logger.info("%s: expression features cached in %s", video, path)
-            break
-        except OSError as err:
-            logger.info("%s: cannot write cache file %s (%s)", video, path, err)
-    else:
-        if candidates:
-            logger.info("%s: running without an expression cache (no writable cache folder).", video)
+    if cache_path is not None:
+        if not _looks_writable(cache_path.parent):
+            logger.info("%s: the cache folder %s is read-only; running without a cache.", video, cache_path.parent)
+        else:
+            try:
+                result.save(cache_path)
+                logger.info("%s: expression features cached in %s", video, cache_path)
+            except OSError as err:
+                logger.info("%s: cannot write cache file %s (%s); running without a cache.", video, cache_path, err)
     return result

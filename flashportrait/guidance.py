@@ -65,20 +65,21 @@ def plan_guidance(text_cfg_scale: float, emo_cfg_scale: float) -> GuidancePlan:
     """Decide which of ``U``, ``E``, ``P`` are needed for the given scales (see the module docstring).
 
     Args:
-        text_cfg_scale: text guidance scale (released default 1: off). Finite.
-        emo_cfg_scale: expression guidance scale (released default 4). Finite.
+        text_cfg_scale: text guidance scale (released default 1: off). Finite, ``>= 0``.
+        emo_cfg_scale: expression guidance scale (released default 4). Finite, ``>= 0``.
+
+    Returns:
+        The plan; at least one branch is always needed (the coefficients sum to 1).
 
     Raises:
-        ValueError: a scale is not a finite number.
+        ValueError: a scale is not a finite number ``>= 0`` (a negative scale pushes away from the condition).
     """
     for name, value in (("text_cfg_scale", text_cfg_scale), ("emo_cfg_scale", emo_cfg_scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     text, emo = float(text_cfg_scale), float(emo_cfg_scale)
     coeff = {"U": 1.0 - text, "E": text - emo, "P": emo}
     needed = tuple(b for b in BRANCHES if coeff[b] != 0.0)
-    if not needed:  # impossible (coefficients sum to 1), kept for clarity
-        raise ValueError(f"no branch needed for text_cfg_scale={text}, emo_cfg_scale={emo}")
     return GuidancePlan(needed, tuple(coeff[b] for b in needed), text, emo)
 
 

@@ -287,17 +287,17 @@ def write_tiny_wan_folder(folder: str | os.PathLike, layout: str = "diffusers", 
     ``google/umt5-xxl/``, ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` (original Wan key names,
     float32; the CLIP file also holds a ``log_scale``, a ``visual.head`` and a stand-in ``textual.*`` tensor,
     as the released one does). The transformer is not written. Both layouts load with
-    :func:`~flashportrait.checkpoints.wan_components.load_wan_i2v_components` into identical models.
+    :func:`~flashportrait.checkpoints.load_wan_i2v_components` into identical models.
 
     Returns:
         ``folder``.
     """
-    from .checkpoints.layout import ORIGINAL_CLIP, ORIGINAL_T5, ORIGINAL_T5_TOKENIZER, ORIGINAL_VAE
-    from .checkpoints.wan_components import (
+    from .checkpoints import (
         convert_clip_transformers_to_original,
         convert_umt5_transformers_to_original,
         convert_wan_vae_diffusers_to_original,
     )
+    from .checkpoints.layout import ORIGINAL_CLIP, ORIGINAL_T5, ORIGINAL_T5_TOKENIZER, ORIGINAL_VAE
 
     if layout not in ("diffusers", "original"):
         raise ValueError(f"layout must be 'diffusers' or 'original', got {layout!r}.")

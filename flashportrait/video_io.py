@@ -1,18 +1,19 @@
-"""Reading and writing videos with PyAV (FFmpeg): probe, decode to RGB, stream-encode H.264 + AAC.
+"""Reading and writing videos with PyAV (FFmpeg): probe, decode to RGB, stream-encode H.264, mux AAC audio.
 
 Reading
     `probe_video(path)` -> `VideoInfo` (size after rotation, exact frame rate where the container has one,
-    frame count, rotation, variable-frame-rate flag, audio stream); `iter_frames(path)` yields RGB uint8
-    frames [H, W, 3] one at a time with the rotation metadata applied; `read_frames(path)` stacks them into
-    [N, H, W, 3]. Every decoded frame is returned once, in presentation order: nothing is dropped or
-    duplicated, so frame index i always means the i-th frame a player shows. For variable-frame-rate
-    videos `frame_timestamps(path)` gives each frame's time and `resample_indices` picks frames for a
-    constant rate.
+    frame count, rotation, variable-frame-rate flag, audio stream); it refuses a file whose packets fall
+    clearly short of the frame count its header declares (a truncated download). `iter_frames(path)` yields
+    RGB uint8 frames [H, W, 3] one at a time with the rotation metadata applied. Every decoded frame is
+    returned once, in presentation order: nothing is dropped or duplicated, so frame index i always means
+    the i-th frame a player shows. For variable-frame-rate videos `frame_timestamps(path)` gives each
+    frame's time and `resample_indices` picks frames for a constant rate.
 
 Writing
-    `StreamingVideoWriter(path, fps, audio_source=...)` encodes H.264 (yuv420p) as frames come, muxes the
-    (re-encoded AAC, trimmed) audio of another file on close, writes to a temporary file in the target's
-    folder and renames it atomically; on an exception nothing is left behind.
+    `StreamingVideoWriter(path, fps, audio_source=...)` encodes H.264 (yuv420p) with PyAV as frames come;
+    on close, FFmpeg (the binary imageio-ffmpeg ships) copies the video stream and adds the audio of another
+    file, cut sample-accurately and re-encoded to AAC. It writes to a temporary file in the target's folder
+    and renames it atomically; on an exception (Ctrl-C included) nothing is left behind.
 
 Times are in seconds, sizes in pixels, frame rates in frames per second.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,18 +36,20 @@ __all__ = [
     "VideoInfo",
     "VideoReadError",
     "probe_video",
+    "check_media_file",
+    "check_decoded_count",
     "frame_timestamps",
     "resample_indices",
     "iter_frames",
-    "read_frames",
     "StreamingVideoWriter",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-class VideoReadError(RuntimeError):
-    """A video file is missing, unreadable or has no video stream."""
+class VideoReadError(ValueError):
+    """A video (or audio) file is missing, unreadable, truncated or has no video stream: a problem with the
+    user's input, so a ``ValueError``."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,12 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             raise VideoReadError(f"{path}: the video stream has no decodable frame.")
         width, height = (coded_h, coded_w) if rotation in (90, 270) else (coded_w, coded_h)
         audio = container.streams.audio[0] if container.streams.audio else None
+        declared = int(stream.frames or 0)
+        if declared and _clearly_short(len(times), declared):
+            raise VideoReadError(
+                f"{path}: the file declares {declared} frames but holds only {len(times)}; it looks truncated "
+                "(an interrupted download or copy). Download or copy it again."
+            )
         diffs = np.diff(times)
         is_vfr = bool(len(diffs) > 1 and np.any(np.abs(diffs - np.median(diffs)) > 0.25 * np.median(diffs)))
         return VideoInfo(
@@ -176,6 +186,36 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             audio_channels=int(audio.channels or 0) if audio is not None else 0,
             codec=stream.codec_context.name,
         )
+
+
+def _clearly_short(found: int, declared: int) -> bool:
+    """More than 2 % (and more than 2 frames) missing: not a header off by one, a truncated file."""
+    return declared - found > max(2, 0.02 * declared)
+
+
+def check_decoded_count(path: str | os.PathLike, decoded: int, expected: int) -> None:
+    """Raise `VideoReadError` when decoding gave clearly fewer frames than the file's packets promised.
+
+    Args:
+        path: the video (named in the message); decoded: frames decoded; expected: frames expected
+            (``VideoInfo.num_frames``, or fewer when only a part was asked for).
+    """
+    if expected and _clearly_short(decoded, expected):
+        raise VideoReadError(
+            f"{path}: decoded only {decoded} of its {expected} frames; the file looks truncated or damaged. "
+            "Download or copy it again."
+        )
+
+
+def check_media_file(path: str | os.PathLike) -> None:
+    """Raise `VideoReadError` unless FFmpeg opens ``path`` (any media file: video or audio only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"{path}: no such media file. Check the path.")
+    try:
+        av.open(str(path)).close()
+    except av.error.FFmpegError as err:
+        raise VideoReadError(f"{path}: FFmpeg cannot open this file ({err}). Is it a video or audio file?") from err
 
 
 def resample_indices(timestamps: np.ndarray, fps: float, *, duration_s: float | None = None) -> np.ndarray:
@@ -247,23 +287,6 @@ def iter_frames(
             while pos < len(wanted) and wanted[pos] == i:
                 yield rgb
                 pos += 1
-
-
-def read_frames(
-    path: str | os.PathLike,
-    *,
-    max_frames: int | None = None,
-    indices: Sequence[int] | np.ndarray | None = None,
-) -> np.ndarray:
-    """Decode a whole video into memory (see `iter_frames` for the arguments).
-
-    Returns:
-        uint8 [N, H, W, 3] RGB. Mind the memory: 1000 frames of 512x512 take 786 MB; prefer `iter_frames`.
-    """
-    frames = list(iter_frames(path, max_frames=max_frames, indices=indices))
-    if not frames:
-        raise VideoReadError(f"{path}: no frames decoded.")
-    return np.stack(frames)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,6 +362,7 @@ class StreamingVideoWriter:
         self._container = None
         self._stream = None
         self._tmp_video: Path | None = None
+        self._temps: list[Path] = []  # every temporary file made; all removed on abort
         self._closed = False
 
     # -- context manager ---------------------------------------------------------------------------------
@@ -356,6 +380,7 @@ class StreamingVideoWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=suffix, dir=self.path.parent)
         os.close(fd)
+        self._temps.append(Path(name))
         return Path(name)
 
     def open(self) -> None:
@@ -421,20 +446,20 @@ class StreamingVideoWriter:
             self._container.close()
             self._container = None
             final_tmp = self._tmp_video
-            audio_packets = self._encode_audio() if self.audio_source is not None else None
-            if audio_packets:
-                final_tmp = self._temp_path(".partial.mp4")
-                self._mux_audio(self._tmp_video, final_tmp, *audio_packets)
-                self._tmp_video.unlink(missing_ok=True)
+            if self.audio_source is not None:
+                with_audio = self._temp_path(".partial.mp4")
+                if self._mux_audio(self._tmp_video, with_audio):
+                    final_tmp = with_audio
             umask = os.umask(0o022)
             os.umask(umask)
             os.chmod(final_tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
             os.replace(final_tmp, self.path)
+            self._temps.remove(final_tmp)
         except BaseException:
             self.abort()
-            if "final_tmp" in locals() and final_tmp is not None:
-                Path(final_tmp).unlink(missing_ok=True)
             raise
+        for tmp in self._temps:
+            tmp.unlink(missing_ok=True)
         self._closed = True
 
     def abort(self) -> None:
@@ -445,100 +470,57 @@ class StreamingVideoWriter:
             except Exception:  # noqa: BLE001 - the file is being discarded anyway
                 pass
             self._container = None
-        if self._tmp_video is not None:
-            self._tmp_video.unlink(missing_ok=True)
+        for tmp in self._temps:
+            tmp.unlink(missing_ok=True)
         self._closed = True
 
     # -- audio --------------------------------------------------------------------------------------------
-    def _encode_audio(self):
-        """Decode, trim and AAC-encode the audio of `audio_source`.
-
-        Returns:
-            (codec_context, packets) or None when there is no audio to mux.
-        """
-        duration = self.audio_duration_s
-        if duration is None:
-            duration = float(self.num_frames / self.rate)
+    def _audio_window(self) -> tuple[float, float] | None:
+        """``(start, duration)`` in seconds on ``audio_source``'s file timeline (what FFmpeg's ``-ss`` / ``-t``
+        take), or None (logged) when there is no audio to mux."""
+        duration = self.audio_duration_s if self.audio_duration_s is not None else float(self.num_frames / self.rate)
         with av.open(str(self.audio_source)) as src:
             if not src.streams.audio:
                 logger.info("%s: no audio stream; writing %s without audio.", self.audio_source, self.path)
                 return None
-            in_stream = src.streams.audio[0]
-            origin = 0.0  # the source's time of its first video frame: audio_start_s counts from there
+            audio = src.streams.audio[0]
+            file_start = src.start_time / av.time_base if src.start_time is not None else 0.0
+            # audio_start_s counts from the source's first video frame (its file start when audio only)
+            origin = file_start
             if src.streams.video and src.streams.video[0].start_time is not None:
                 origin = float(src.streams.video[0].start_time * src.streams.video[0].time_base)
-            rate = int(in_stream.rate or 48000)
-            layout = "mono" if (in_stream.channels or 2) == 1 else "stereo"
-            resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
-            encoder = av.CodecContext.create("aac", "w")
-            encoder.sample_rate = rate
-            encoder.layout = layout
-            encoder.format = "fltp"
-            encoder.bit_rate = self.audio_bitrate
-            encoder.time_base = Fraction(1, rate)
-            encoder.open()
-            first_sample = int(round((origin + self.audio_start_s) * rate))
-            total = int(round(duration * rate))
-            written = 0
-            packets = []
-
-            def push(chunk: np.ndarray) -> None:
-                nonlocal written
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk, dtype=np.float32), format="fltp", layout=layout)
-                frame.sample_rate = rate
-                frame.pts = written
-                frame.time_base = Fraction(1, rate)
-                written += chunk.shape[1]
-                packets.extend(encoder.encode(frame))
-
-            position = None  # sample index (on the source timeline) of the next decoded sample
-            for decoded in src.decode(in_stream):
-                if position is None and decoded.pts is not None:
-                    position = int(round(float(decoded.pts * decoded.time_base) * rate))
-                for frame in resampler.resample(decoded):
-                    data = frame.to_ndarray()  # [C, S] float32
-                    start = position or 0
-                    lo = max(first_sample - start, 0)
-                    hi = min(first_sample + total - start, data.shape[1])
-                    position = start + data.shape[1]
-                    if hi > lo:
-                        push(data[:, lo:hi])
-                if written >= total:
-                    break
-            packets.extend(encoder.encode(None))
-        if written == 0:
+            audio_end = None
+            if audio.duration is not None and audio.start_time is not None:
+                audio_end = float((audio.start_time + audio.duration) * audio.time_base)
+        start = origin + self.audio_start_s
+        if duration <= 0 or (audio_end is not None and start >= audio_end):
             logger.warning(
                 "%s: no audio between %.3f s and %.3f s; writing %s without audio.",
                 self.audio_source, self.audio_start_s, self.audio_start_s + duration, self.path,
             )
             return None
-        return encoder, packets
+        return start - file_start, duration
 
-    @staticmethod
-    def _mux_audio(video_only: Path, out_path: Path, encoder, audio_packets) -> None:
-        """Copy the video stream of `video_only` and add the AAC packets, interleaved by time."""
-        with av.open(str(video_only)) as src, av.open(str(out_path), mode="w", format="mp4",
-                                                         options={"movflags": "+faststart"}) as dst:
-            in_v = src.streams.video[0]
-            out_v = dst.add_stream_from_template(in_v)
-            out_a = dst.add_stream("aac", rate=encoder.sample_rate)
-            out_a.layout = encoder.layout
-            out_a.time_base = encoder.time_base
-            # the stream's codec parameters (extradata) come from the encoder that made the packets
-            out_a.codec_context.extradata = encoder.extradata
-            out_a.bit_rate = encoder.bit_rate
-            queue = list(audio_packets)
-            qi = 0
-            for packet in src.demux(in_v):
-                if packet.dts is None:
-                    continue
-                t_video = float(packet.dts * packet.time_base)
-                while qi < len(queue) and float(queue[qi].dts * queue[qi].time_base) <= t_video:
-                    queue[qi].stream = out_a
-                    dst.mux(queue[qi])
-                    qi += 1
-                packet.stream = out_v
-                dst.mux(packet)
-            for packet in queue[qi:]:
-                packet.stream = out_a
-                dst.mux(packet)
+    def _mux_audio(self, video_only: Path, out_path: Path) -> bool:
+        """Copy the video stream of ``video_only`` and add ``audio_source``'s first audio stream, cut to
+        :meth:`_audio_window` (FFmpeg decodes from the seek point and trims to the exact sample) and encoded
+        to AAC, into ``out_path``. Returns False when there was no audio to add (nothing written)."""
+        import imageio_ffmpeg
+
+        window = self._audio_window()
+        if window is None:
+            return False
+        start, duration = window
+        command = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
+            "-i", str(video_only),
+            "-ss", f"{start:.6f}", "-t", f"{duration:.6f}", "-i", str(self.audio_source),
+            "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", str(self.audio_bitrate),
+            "-movflags", "+faststart", "-f", "mp4", str(out_path),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise VideoReadError(
+                f"{self.audio_source}: FFmpeg could not add its audio to {self.path}: {result.stderr.strip()[-500:]}"
+            )
+        return True

@@ -30,13 +30,11 @@ __all__ = [
     "context_windows",
     "blend_weights",
     "WindowBlender",
-    "blend_windows",
     "latent_frames_for_video_frames",
     "video_frames_for_latent_frames",
     "usable_video_frames",
     "window_video_frames",
     "check_windows",
-    "resolve_context_size",
 ]
 
 
@@ -90,55 +88,6 @@ def window_video_frames(window: range) -> range:
     frame ``a`` is that clip's "first frame" and takes video frame ``4a``'s tokens), SPEC.md section 4.
     """
     return range(VAE_TEMPORAL_FACTOR * window.start, VAE_TEMPORAL_FACTOR * (window.stop - 1) + 1)
-
-
-def resolve_context_size(
-    context_size: int | None = None,
-    sub_num_frames: int | None = None,
-    latents_num_frames: int | None = None,
-    default: int | None = None,
-) -> int:
-    """One window length in latent frames from the three ways the authors' flags give it.
-
-    The released ``infer.py`` has ``sub_num_frames`` (video frames per window, ``4k + 1``, 201),
-    ``latents_num_frames`` (latent frames per window, 51) and ``context_size`` (latent frames per window,
-    51); they describe the same length and must agree: ``latents = (sub_num_frames - 1) / 4 + 1``.
-
-    Args:
-        context_size, sub_num_frames, latents_num_frames: any subset (``None`` = not given).
-        default: returned when none is given (``None``: the released 51).
-
-    Raises:
-        ValueError: a value out of range (``sub_num_frames`` not ``4k + 1``, a length < 1) or two given
-        values that disagree (the message names both flags and their latent lengths).
-    """
-    from .config import DEFAULT_CONTEXT_SIZE
-
-    given: dict[str, int] = {}
-    if sub_num_frames is not None:
-        if sub_num_frames < 1 or (sub_num_frames - 1) % VAE_TEMPORAL_FACTOR != 0:
-            raise ValueError(
-                f"sub_num_frames (video frames per window) must be 4k + 1 >= 1 (e.g. 81, 201), got {sub_num_frames}"
-            )
-        given["sub_num_frames"] = latent_frames_for_video_frames(sub_num_frames)
-    for name, value in (("latents_num_frames", latents_num_frames), ("context_size", context_size)):
-        if value is not None:
-            if value < 1:
-                raise ValueError(f"{name} (latent frames per window) must be >= 1, got {value}")
-            given[name] = value
-    if not given:
-        return DEFAULT_CONTEXT_SIZE if default is None else default
-    if len(set(given.values())) > 1:
-        described = ", ".join(
-            f"--{k} {sub_num_frames} (= {v} latent frames)" if k == "sub_num_frames" else f"--{k} {v}"
-            for k, v in given.items()
-        )
-        raise ValueError(
-            f"contradicting window lengths: {described}. They all set the window length (sub_num_frames = "
-            "4 (latents_num_frames - 1) + 1 video frames, context_size = latents_num_frames); give one, or "
-            "consistent values."
-        )
-    return next(iter(given.values()))
 
 
 # --- windows ------------------------------------------------------------------------------------------
@@ -198,6 +147,15 @@ def context_windows(num_latent_frames: int, context_size: int, context_overlap: 
     return windows
 
 
+def _check_follows(prev: range, window: range, name: str) -> None:
+    """Raise unless ``window`` may follow ``prev``: it starts in ``(prev.start, prev.stop]``, stops after it."""
+    if not (prev.start < window.start <= prev.stop and window.stop > prev.stop):
+        raise ValueError(
+            f"{name} must start in ({prev.start}, {prev.stop}] and stop after {prev.stop} "
+            f"(previous window {prev}): windows must be in order, without gaps"
+        )
+
+
 def check_windows(windows: Sequence[range], num_latent_frames: int) -> None:
     """Check that ``windows`` can be blended in order into ``num_latent_frames`` frames.
 
@@ -216,11 +174,8 @@ def check_windows(windows: Sequence[range], num_latent_frames: int) -> None:
     for k, w in enumerate(windows):
         if len(w) < 1 or w.step != 1:
             raise ValueError(f"window {k} ({w}) must be a non-empty range with step 1")
-        if prev is not None and not (prev.start < w.start <= prev.stop and w.stop > prev.stop):
-            raise ValueError(
-                f"window {k} ({w}) must start in ({prev.start}, {prev.stop}] and stop after {prev.stop} "
-                f"(previous window {prev}): windows must be in order, without gaps"
-            )
+        if prev is not None:
+            _check_follows(prev, w, f"window {k} ({w})")
         prev = w
     if windows[-1].stop != num_latent_frames:
         raise ValueError(f"the last window ({windows[-1]}) must stop at num_latent_frames={num_latent_frames}")
@@ -285,11 +240,7 @@ class WindowBlender:
             self._out = value.new_zeros(shape)
             self._out.narrow(self.dim, 0, len(window)).copy_(value)
         else:
-            if not (prev.start < window.start <= prev.stop and window.stop > prev.stop):
-                raise ValueError(
-                    f"window {window} must start in ({prev.start}, {prev.stop}] and stop after {prev.stop} "
-                    f"(previous window {prev}): windows must be in order, without gaps"
-                )
+            _check_follows(prev, window, f"window {window}")
             n = prev.stop - window.start
             if n > 0:
                 shape = [1] * value.ndim
@@ -308,23 +259,3 @@ class WindowBlender:
             covered = 0 if self._prev is None else self._prev.stop
             raise ValueError(f"the windows cover latent frames [0, {covered}), expected [0, {self.num_latent_frames})")
         return self._out
-
-
-def blend_windows(
-    values: Sequence[torch.Tensor], windows: Sequence[range], num_latent_frames: int, dim: int = 2
-) -> torch.Tensor:
-    """Blend per-window tensors (e.g. velocities ``[B, C, len(w), h, w]``) into ``[B, C, F, h, w]``.
-
-    Implements the in-order overlap blending of SPEC.md section 4 (see the module docstring).
-
-    Raises:
-        ValueError: the windows do not satisfy :func:`check_windows` or a tensor's length differs from
-        its window's.
-    """
-    if len(values) != len(windows):
-        raise ValueError(f"got {len(values)} tensors for {len(windows)} windows")
-    check_windows(windows, num_latent_frames)
-    blender = WindowBlender(num_latent_frames, dim=dim, dtype=None)
-    for w, v in zip(windows, values):
-        blender.add(w, v)
-    return blender.result()

@@ -173,31 +173,41 @@ def test_cache_round_trip_and_invalidation(moving_face_video, tmp_path):
     extract_expression_features(path, TinyEncoder(), detector=det, cache_dir=cache_dir, smooth_sigma=2.0, progress=False)
     extract_expression_features(path, TinyEncoder(seed=1), detector=det, cache_dir=cache_dir, progress=False)
     assert det.calls == 72 and len(list(cache_dir.glob("*.pt"))) == 3
-    # default location: next to the video
+
+
+def test_default_cache_is_the_user_cache_folder_never_beside_the_video(moving_face_video, tmp_path_factory,
+                                                                        monkeypatch):
+    path, _ = moving_face_video
+    xdg = tmp_path_factory.mktemp("xdg")
+    monkeypatch.delenv("FLASHPORTRAIT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    before = sorted(p.name for p in path.parent.iterdir())
+    det = DotFaceDetector()
     extract_expression_features(path, TinyEncoder(), detector=det, progress=False)
-    assert len(list(path.parent.glob("face.mp4.expression-*.pt"))) == 1
+    extract_expression_features(path, TinyEncoder(), detector=det, progress=False)
+    assert det.calls == 24  # the second run loaded the cache
+    assert len(list((xdg / "flashportrait" / "expression").glob("face.mp4.expression-*.pt"))) == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == before  # nothing written beside the video
 
 
-def test_unwritable_cache_does_not_fail_the_run(moving_face_video, tmp_path, tmp_path_factory, monkeypatch, caplog):
+def test_unwritable_cache_does_not_fail_the_run(moving_face_video, tmp_path, caplog):
     path, _ = moving_face_video
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder would be")
     with caplog.at_level(logging.INFO, logger="flashportrait.expression"):
         feats = extract_expression_features(path, TinyEncoder(), detector=DotFaceDetector(), cache_dir=blocker / "sub", progress=False)
-    assert len(feats) == 24 and "without an expression cache" in caplog.text
-    # the video's folder read-only (permission bits; respected even by root) -> the user cache folder
-    fallback = tmp_path_factory.mktemp("user_cache")
-    monkeypatch.setenv("FLASHPORTRAIT_CACHE_DIR", str(fallback))
-    path.parent.chmod(0o555)
+    assert len(feats) == 24 and "running without a cache" in caplog.text
+    # a read-only cache folder (permission bits; respected even by root) is left untouched
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
     try:
-        det = DotFaceDetector()
-        extract_expression_features(path, TinyEncoder(), detector=det, progress=False)
-        extract_expression_features(path, TinyEncoder(), detector=det, progress=False)
-        assert det.calls == 24  # the second run found the fallback cache
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flashportrait.expression"):
+            extract_expression_features(path, TinyEncoder(), detector=DotFaceDetector(), cache_dir=readonly, progress=False)
+        assert "read-only" in caplog.text and not list(readonly.iterdir())
     finally:
-        path.parent.chmod(0o755)
-    assert len(list(fallback.glob("face.mp4.expression-*.pt"))) == 1
-    assert not list(path.parent.glob("*.expression-*.pt"))
+        readonly.chmod(0o755)
 
 
 def test_resampling_max_frames_and_save_load(moving_face_video, tmp_path):
@@ -252,6 +262,8 @@ def test_command_line_tool(moving_face_video, tmp_path, monkeypatch):
 
 # --- real clips -----------------------------------------------------------------------------------------
 
+#: clips that tests/test_infer.py also runs (their features come from the shared session fixture)
+INFER_CLIPS = ("driving/d0.mp4", "driving/d6.mp4", "driving/d11.mp4")
 REAL_CLIPS = [
     "driving/d0.mp4", "driving/d3.mp4", "driving/d6.mp4", "driving/d9.mp4", "driving/d10.mp4", "driving/d11.mp4",
     "driving/d12.mp4", "driving/d18.mp4", "driving/d19.mp4",
@@ -262,10 +274,13 @@ REAL_CLIPS = [
 
 @pytest.mark.real
 @pytest.mark.parametrize("clip", REAL_CLIPS)
-def test_real_clip_every_frame_gets_features(examples_dir, clip, tmp_path):
+def test_real_clip_every_frame_gets_features(examples_dir, real_clip_features, clip):
     video = examples_dir / clip
     info = probe_video(video)
-    feats = extract_expression_features(video, TinyEncoder(), cache=False, progress=False, batch_size=32)
+    if clip in INFER_CLIPS:  # the infer.py tests use these features too: extracted once per session
+        feats = real_clip_features(clip)
+    else:
+        feats = extract_expression_features(video, TinyEncoder(), cache=False, progress=False, batch_size=32)
     assert len(feats) == info.num_frames, f"{clip}: {len(feats)} feature rows for {info.num_frames} frames"
     assert feats.frame_indices.tolist() == list(range(info.num_frames))
     assert torch.isfinite(feats.features).all() and torch.isfinite(feats.landmarks).all()

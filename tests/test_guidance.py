@@ -49,7 +49,7 @@ def test_batch_inputs_layout():
         batch_branch_inputs(plan, pos, None, tokens)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "4", None])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "4", None, -1.0])
 def test_plan_rejects_bad_scales(bad):
     with pytest.raises(ValueError, match="emo_cfg_scale"):
         plan_guidance(1.0, bad)

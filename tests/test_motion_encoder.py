@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flashportrait.checkpoints import load_pdfgc_motion_encoder
 from flashportrait.checkpoints.common import CheckpointError, empty_model
 from flashportrait.config import EXPRESSION_DIM
-from flashportrait.models.motion_encoder import PDFGCMotionEncoder, load_pdfgc_motion_encoder
+from flashportrait.models.motion_encoder import PDFGCMotionEncoder
 from flashportrait.tools._parity_models import run_pdfgc_motion_encoder
 
 

@@ -10,12 +10,10 @@ import torch
 from PIL import Image
 
 from flashportrait.config import EXPRESSION_DIM
-from flashportrait.pipeline import (
-    FlashPortraitPipeline,
-    denormalize_latents,
-    iter_decode_latents,
-    reference_size,
-)
+from flashportrait.latents import denormalize_latents, iter_decode_latents
+from flashportrait.memory import configure_memory
+from flashportrait.pipeline import FlashPortraitPipeline
+from flashportrait.reference_image import reference_size
 from flashportrait.sampling import make_scheduler
 
 
@@ -64,15 +62,31 @@ def test_reference_size():
 
 
 def test_chunked_decode_equals_whole_decode():
+    """Decoding chunk by chunk through the causal cache is the whole-video decode, exactly in exact arithmetic.
+
+    In float64 the two agree to 1e-12: the algorithm is exact. In float32 they differ by rounding only,
+    because convolutions sum in an order that depends on the chunk's shape (on some x86 CPUs by 4e-6 where
+    outputs are ~1): the float32 chunked decode must be as close to the float64 result as the float32
+    whole decode is (within 4x), not within an arbitrary absolute tolerance.
+    """
+    import copy
+
     vae = _tiny_components()["vae"]
+    vae64 = copy.deepcopy(vae).double()
     latents = torch.randn(1, 16, 4, 2, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        whole = vae.decode(denormalize_latents(vae, latents)).sample
+        whole = vae.decode(denormalize_latents(vae, latents)).sample.clamp(-1, 1)
+        whole64 = vae64.decode(denormalize_latents(vae, latents).double()).sample.clamp(-1, 1)
+    rounding = (whole.double() - whole64).abs().max().item()  # float32 rounding at this scale
+    assert 0 < rounding < 1e-4
     for chunk in (1, 3):
         parts = list(iter_decode_latents(vae, latents, chunk))
         assert parts[0].shape[2] == 1 + 4 * (chunk - 1)
         assert sum(p.shape[2] for p in parts) == 13
-        torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=0, atol=1e-6)
+        chunked = torch.cat(parts, dim=2)
+        assert (chunked.double() - whole64).abs().max().item() <= 4 * rounding
+        chunked64 = torch.cat(list(iter_decode_latents(vae64, latents, chunk)), dim=2)
+        torch.testing.assert_close(chunked64, whole64, rtol=0, atol=1e-12)
 
 
 def test_pipeline_end_to_end_with_synthetic_features():
@@ -90,10 +104,16 @@ def test_pipeline_end_to_end_with_synthetic_features():
         emo_cfg_scale=3.0,
         max_size=32,
     )
-    out = pipe(_reference(), generator=torch.Generator().manual_seed(0), callback=seen.append, **kwargs)
+    def on_step_end(pipe_, step, timestep, callback_kwargs):
+        seen.append({"step": step, **callback_kwargs})
+        return {}
+
+    out = pipe(_reference(), generator=torch.Generator().manual_seed(0), callback_on_step_end=on_step_end,
+               callback_on_step_end_tensor_inputs=["latents", "velocity"], **kwargs)
     assert out.frames.shape == (12, 32, 32, 3) and out.frames.dtype == np.uint8
     assert out.num_frames == 12 and out.fps == 25.0
     assert [d["step"] for d in seen] == [0, 1]
+    assert seen[0]["velocity"].shape == seen[0]["latents"].shape == (1, 16, 4, 4, 4)
     # the same seed gives the same latents; the latent path skips decoding
     lat = pipe(_reference(), generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).latents
     torch.testing.assert_close(lat, seen[-1]["latents"])
@@ -134,7 +154,8 @@ def test_pipeline_writes_mp4(tmp_path):
         (dict(emo_cfg_scale=float("nan")), "emo_cfg_scale"),
         (dict(max_size=8), "max_size"),
         (dict(output_path="x.avi"), r"\.mp4"),
-        (dict(driving_video="/nonexistent.mp4", expression_features=None), "no such file"),
+        (dict(emo_cfg_scale=-1.0), "emo_cfg_scale"),
+        (dict(driving_video="/nonexistent.mp4", expression_features=None), "no such"),
     ],
 )
 def test_check_inputs(kwargs, match):
@@ -149,7 +170,6 @@ def test_check_inputs(kwargs, match):
 
 
 def test_configure_memory_modes_on_cpu():
-    from flashportrait.pipeline import configure_memory
     from flashportrait.tiny import build_tiny_transformer
 
     c = dict(_tiny_components(), transformer=build_tiny_transformer(0))  # its own transformer: it gets cast
@@ -162,7 +182,6 @@ def test_configure_memory_modes_on_cpu():
 
 
 def test_qfloat8_layerwise_casting_on_cpu():
-    from flashportrait.pipeline import configure_memory
     from flashportrait.tiny import build_tiny_transformer
 
     c = dict(_tiny_components(), transformer=build_tiny_transformer(0))  # its own transformer: it gets cast
@@ -179,16 +198,6 @@ def test_qfloat8_layerwise_casting_on_cpu():
     fp8 = pipe(_reference(), generator=torch.Generator().manual_seed(0), **kwargs).latents
     assert fp8.shape == plain.shape and torch.isfinite(fp8).all()
     assert not torch.equal(fp8, plain)  # the weights really went through float8
-
-
-def test_infer_flags():
-    import infer
-
-    args = infer.parse_args(["--reference_image", "a.png", "--validation_driven_video_path", "b.mp4", "--tiny"])
-    assert args.reference_image == "a.png" and args.driving_video == "b.mp4" and args.tiny
-    args = infer.parse_args(["--sub_num_frames", "81", "--context_size", "51"])
-    with pytest.raises(ValueError, match="contradicting"):
-        infer.main(args)
 
 
 @pytest.mark.parametrize("sampler", ["unipc", "dpm++"])

@@ -14,13 +14,13 @@ import torch
 
 from flashportrait.checkpoints import CheckpointError
 from flashportrait.checkpoints.transformer import convert_transformer_state_dict_to_original
+from flashportrait.factory import pipeline_from_checkpoints, tiny_pipeline
 from flashportrait.models.portrait_encoder import PortraitEncoderConfig
-from flashportrait.pipeline import FlashPortraitPipeline
 from flashportrait.tiny import TINY_PORTRAIT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG, write_tiny_wan_folder
 
 
 def write_checkpoints(tmp_path, layout: str, seed: int = 0) -> dict:
-    pipe = FlashPortraitPipeline.from_tiny(seed)
+    pipe = tiny_pipeline(seed)
     wan = write_tiny_wan_folder(tmp_path / f"Wan2.1-I2V-{layout}", layout=layout, seed=seed)
     cfg = TINY_TRANSFORMER_CONFIG
     if layout == "original":  # Wan's own config.json keys (+ the widths the tiny family changes)
@@ -57,7 +57,7 @@ def sample(pipe, seed: int = 0) -> torch.Tensor:
 def test_from_checkpoints_equals_the_in_memory_pipeline(tmp_path, layout):
     files = write_checkpoints(tmp_path, layout)
     reference = files.pop("pipe")
-    loaded = FlashPortraitPipeline.from_checkpoints(
+    loaded = pipeline_from_checkpoints(
         **files, dtype=torch.float32, portrait_encoder_config=PortraitEncoderConfig(**TINY_PORTRAIT_ENCODER_CONFIG)
     )
     for name in ("transformer", "portrait_encoder", "motion_encoder", "vae", "text_encoder", "image_encoder"):
@@ -74,5 +74,5 @@ def test_from_checkpoints_refuses_a_portrait_encoder_of_other_sizes(tmp_path):
     files = write_checkpoints(tmp_path, "original")
     files.pop("pipe")
     with pytest.raises(CheckpointError) as info:  # tiny file, released sizes expected
-        FlashPortraitPipeline.from_checkpoints(**files, dtype=torch.float32)
+        pipeline_from_checkpoints(**files, dtype=torch.float32)
     assert str(files["portrait_encoder_path"]) in str(info.value) and "shape" in str(info.value)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flashportrait.checkpoints import load_portrait_encoder
 from flashportrait.checkpoints.common import CheckpointError, empty_model
 from flashportrait.config import EXPRESSION_DIM, TOKENS_PER_FRAME, WINDOW_TOKENS
 from flashportrait.models.portrait_encoder import (
     PortraitEncoder,
     PortraitEncoderConfig,
     latent_frame_token_ranges,
-    load_portrait_encoder,
     split_tokens_per_latent_frame,
     window_token_lens,
 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flashportrait import tiny
-from flashportrait.checkpoints.wan_components import WAN21_LATENTS_MEAN, encode_clip_image, load_umt5_tokenizer
+from flashportrait.checkpoints import WAN21_LATENTS_MEAN, load_umt5_tokenizer
 from flashportrait.config import (
     CLIP_IMAGE_TOKENS,
     EXPRESSION_DIM,
@@ -15,6 +15,7 @@ from flashportrait.config import (
     TOKENS_PER_FRAME,
     WINDOW_TOKENS,
 )
+from flashportrait.reference_image import encode_clip_image
 
 MAX_TEST_PARAMS = 2_000_000
 

@@ -12,12 +12,17 @@ import pytest
 from flashportrait.video_io import (
     StreamingVideoWriter,
     VideoReadError,
+    check_decoded_count,
+    check_media_file,
     frame_timestamps,
     iter_frames,
     probe_video,
-    read_frames,
     resample_indices,
 )
+
+
+def read_frames(path, **kwargs) -> np.ndarray:
+    return np.stack(list(iter_frames(path, **kwargs)))
 
 
 def _gradient_frames(n: int, height: int, width: int) -> np.ndarray:
@@ -210,3 +215,67 @@ def test_real_clips_probe(examples_dir):
         assert abs(info.fps - fps) < 1e-6, name
     frames = read_frames(examples_dir / "driving-substitutes/carphone_pristine.mp4")
     assert frames.shape == (120, 144, 176, 3)
+
+
+def _write_onset_tone(path: Path, seconds: float, onset_s: float, rate: int = 48000) -> None:
+    """An .m4a that is silent until ``onset_s``, then a 440 Hz tone: its onset marks a time to the sample."""
+    t = np.arange(int(seconds * rate)) / rate
+    signal = np.where(t >= onset_s, 0.5 * np.sin(2 * np.pi * 440 * t), 0.0).astype(np.float32)
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        for start in range(0, len(signal), 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(signal[None, start : start + 1024]),
+                                               format="fltp", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = start
+            for p in stream.encode(frame):
+                out.mux(p)
+        for p in stream.encode(None):
+            out.mux(p)
+
+
+def test_audio_cut_is_sample_accurate(tmp_path):
+    """FFmpeg cuts the audio where asked: a tone starting at 2.0 s in the source, muxed from 1.5 s, starts at
+    0.5 s in the output (within 2 ms; the old amplitude test only resolved ~0.2 s)."""
+    source = tmp_path / "onset.m4a"
+    _write_onset_tone(source, seconds=3.0, onset_s=2.0)
+    out = tmp_path / "cut.mp4"
+    with StreamingVideoWriter(out, 25, audio_source=source, audio_start_s=1.5) as writer:
+        writer.write(_gradient_frames(25, 32, 32))
+    samples, rate = _decode_audio(out)
+    onset = np.argmax(np.abs(samples) > 0.05) / rate
+    assert onset == pytest.approx(0.5, abs=0.002)
+    assert len(samples) / rate == pytest.approx(1.0, abs=0.05)
+    # asking for audio past the end of the source gives a silent video and a warning, not an error
+    late = tmp_path / "late.mp4"
+    with StreamingVideoWriter(late, 25, audio_source=source, audio_start_s=10.0) as writer:
+        writer.write(_gradient_frames(5, 32, 32))
+    assert not probe_video(late).has_audio
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4", "late.mp4", "onset.m4a"]  # no temp files
+
+
+def test_truncated_download_is_refused(tmp_path):
+    """An mp4 with its index at the front and the second half missing: the header promises every frame,
+    the data holds half. It must be refused as truncated, not read as a shorter (or VFR) video."""
+    full = tmp_path / "full.mp4"
+    with StreamingVideoWriter(full, 25) as writer:  # +faststart: the index is at the front
+        writer.write(np.random.default_rng(0).integers(0, 255, (50, 48, 48, 3), dtype=np.uint8))
+    data = full.read_bytes()
+    half = tmp_path / "half.mp4"
+    half.write_bytes(data[: len(data) // 2])
+    assert probe_video(full).num_frames == 50
+    with pytest.raises(VideoReadError, match="truncated"):
+        probe_video(half)
+    with pytest.raises(VideoReadError, match="truncated"):
+        check_decoded_count(half, 22, 50)
+    check_decoded_count(full, 49, 50)  # one frame short (a header off by one) is not an error
+
+
+def test_check_media_file(tmp_path):
+    with pytest.raises(VideoReadError, match="no such media file"):
+        check_media_file(tmp_path / "missing.wav")
+    junk = tmp_path / "junk.m4a"
+    junk.write_bytes(b"not audio at all" * 10)
+    with pytest.raises(VideoReadError, match="cannot open"):
+        check_media_file(junk)

@@ -13,23 +13,19 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from flashportrait import tiny
-from flashportrait.checkpoints import CheckpointError
-from flashportrait.checkpoints.common import empty_model
-from flashportrait.checkpoints.layout import ORIGINAL_CLIP, ORIGINAL_T5, ORIGINAL_VAE
-from flashportrait.checkpoints.wan_components import (
+from flashportrait.checkpoints import (
     CLIP_VIT_H_14,
     UMT5_XXL,
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
     WAN21_VAE,
+    CheckpointError,
     clip_config_from_state_dict,
-    clip_preprocess,
     convert_clip_original_to_transformers,
     convert_clip_transformers_to_original,
     convert_umt5_original_to_transformers,
     convert_umt5_transformers_to_original,
     convert_wan_vae_diffusers_to_original,
-    encode_clip_image,
     load_clip_vision,
     load_umt5_encoder,
     load_wan_i2v_components,
@@ -37,7 +33,10 @@ from flashportrait.checkpoints.wan_components import (
     umt5_config_from_state_dict,
     wan_vae_config_from_state_dict,
 )
+from flashportrait.checkpoints.common import empty_model
+from flashportrait.checkpoints.layout import ORIGINAL_CLIP, ORIGINAL_T5, ORIGINAL_VAE
 from flashportrait.config import CLIP_MEAN, CLIP_STD
+from flashportrait.reference_image import clip_preprocess, encode_clip_image
 from flashportrait.tools import _parity_wan
 
 TOLERANCE = 1e-4

@@ -9,7 +9,6 @@ from flashportrait.config import DEFAULT_CONTEXT_OVERLAP, DEFAULT_CONTEXT_SIZE
 from flashportrait.windows import (
     WindowBlender,
     blend_weights,
-    blend_windows,
     check_windows,
     context_windows,
     latent_frames_for_video_frames,
@@ -17,6 +16,8 @@ from flashportrait.windows import (
     video_frames_for_latent_frames,
     window_video_frames,
 )
+
+from .conftest import blend_all
 
 
 def test_released_defaults_example():
@@ -99,9 +100,9 @@ def test_blend_matches_loop_and_constant_is_preserved():
     for frames, size, overlap in [(7, 4, 1), (10, 4, 2), (23, 6, 3), (5, 8, 3), (30, 9, 8)]:
         windows = context_windows(frames, size, overlap)
         values = [torch.randn(2, 3, len(w), 2, 2, generator=g) for w in windows]
-        torch.testing.assert_close(blend_windows(values, windows, frames), _reference_blend(values, windows, frames))
+        torch.testing.assert_close(blend_all(values, windows, frames), _reference_blend(values, windows, frames))
         const = [torch.full((1, 1, len(w), 1, 1), 3.0) for w in windows]
-        torch.testing.assert_close(blend_windows(const, windows, frames), torch.full((1, 1, frames, 1, 1), 3.0))
+        torch.testing.assert_close(blend_all(const, windows, frames), torch.full((1, 1, frames, 1, 1), 3.0))
 
 
 def test_blend_uses_full_overlap_with_moved_last_window():
@@ -110,7 +111,7 @@ def test_blend_uses_full_overlap_with_moved_last_window():
     windows = context_windows(9, 4, 1)  # last moved: [5, 9) overlaps [3, 7) by 2
     assert windows[-1] == range(5, 9)
     values = [torch.zeros(1, 1, 4, 1, 1), torch.zeros(1, 1, 4, 1, 1), torch.ones(1, 1, 4, 1, 1)]
-    out = blend_windows(values, windows, 9).flatten().tolist()
+    out = blend_all(values, windows, 9).flatten().tolist()
     assert out == [0, 0, 0, 0, 0, 0.0, 1.0, 1, 1]
 
 
@@ -142,18 +143,3 @@ def test_frame_counts():
     assert window_video_frames(range(21, 72)) == range(84, 285)
     with pytest.raises(ValueError):
         latent_frames_for_video_frames(0)
-
-
-def test_resolve_context_size():
-    from flashportrait.windows import resolve_context_size
-
-    assert resolve_context_size() == 51
-    assert resolve_context_size(default=5) == 5
-    assert resolve_context_size(sub_num_frames=81) == 21
-    assert resolve_context_size(context_size=51, sub_num_frames=201, latents_num_frames=51) == 51
-    with pytest.raises(ValueError, match="contradicting.*sub_num_frames 81.*context_size 51"):
-        resolve_context_size(context_size=51, sub_num_frames=81)
-    with pytest.raises(ValueError, match="4k \\+ 1"):
-        resolve_context_size(sub_num_frames=80)
-    with pytest.raises(ValueError, match="latents_num_frames"):
-        resolve_context_size(latents_num_frames=0)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = [
+    "PathLike",
     "CheckpointError",
     "read_state_dict",
     "list_checkpoint_keys",
@@ -30,7 +33,18 @@ __all__ = [
     "empty_model",
     "format_key_report",
     "expected_shapes",
+    "config_dict",
+    "layer_indices",
+    "require_key",
+    "meta_like",
+    "cast_once",
+    "check_then_load",
+    "load_transformers_folder",
+    "diffusers_weights_file",
+    "to_device",
 ]
+
+PathLike = str | os.PathLike
 
 #: wrapper keys some trainers put around a state dict (``{"state_dict": {...}}``, DeepSpeed's ``module``)
 WRAPPER_KEYS = ("state_dict", "module", "model", "model_state_dict")
@@ -53,6 +67,9 @@ def _as_path(path: str | os.PathLike) -> Path:
 def _read_safetensors(path: Path, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); the download or copy did not finish. "
+                              "Download it again.")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names = [k for k in f.keys() if keys is None or k in keys]
@@ -85,22 +102,51 @@ def list_checkpoint_keys(path: str | os.PathLike) -> list[str]:
     return list(read_state_dict(path))
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+_PICKLE_MAGIC = b"\x80"  # the legacy torch format starts with a pickle protocol opcode
+
+
+def _unreadable_torch_file(path: Path, exc: BaseException) -> CheckpointError:
+    """A clear error for a torch file that ``torch.load(weights_only=True)`` refused.
+
+    torch's own message advises retrying with ``weights_only=False``, which runs arbitrary code from the
+    file: never the right advice for a downloaded checkpoint, so it is not repeated here.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return CheckpointError(f"{path}: the file is empty (0 bytes); the download or copy did not finish. "
+                               "Download it again.")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        return CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts with "
+                               f"{head!r}); the file is corrupt or something else. Download it again.")
+    message = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if found or "Weights only load failed" in message:
+        what = f" ({found.group(1)})" if found else ""
+        return CheckpointError(
+            f"{path}: holds Python objects other than tensors{what}, which are never unpickled from a downloaded "
+            "file (that could run code). Expected a plain state dict; if you made the file yourself, re-save it "
+            "with torch.save(model.state_dict())."
+        )
+    return CheckpointError(f"{path}: the checkpoint is corrupt or incomplete ({size} bytes; {type(exc).__name__}: "
+                           f"{message.splitlines()[0][:200]}). Download it again.")
+
+
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
         # Old (non-zip) pickles cannot be memory-mapped; they are small legacy files, read them plainly.
         if "mmap" not in str(exc):
-            raise CheckpointError(f"{path}: cannot be read by torch.load ({exc}).") from exc
+            raise _unreadable_torch_file(path, exc) from exc
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc2:  # noqa: BLE001 - reported with the file name
-            raise CheckpointError(f"{path}: cannot be read by torch.load ({exc2}).") from exc2
+            raise _unreadable_torch_file(path, exc2) from exc2
     except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
-        raise CheckpointError(
-            f"{path}: cannot be read by torch.load(weights_only=True) ({type(exc).__name__}: {exc}). "
-            "Only plain tensor state dicts are accepted; re-save the file with torch.save(model.state_dict())."
-        ) from exc
+        raise _unreadable_torch_file(path, exc) from exc
     return unwrap_state_dict(obj, path)
 
 
@@ -324,3 +370,106 @@ def empty_model():
 
     with init_empty_weights(include_buffers=False):
         yield
+
+
+# --- shared by the component loaders (umt5.py, clip.py, vae.py) -----------------------------------------
+
+
+def config_dict(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in dict(config or {}).items() if k != "note"}
+
+
+def layer_indices(state_dict: Mapping[str, Any], prefix: str) -> list[int]:
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    return sorted({int(m.group(1)) for k in state_dict if (m := pattern.match(k))})
+
+
+def require_key(state_dict: Mapping[str, torch.Tensor], key: str, source: PathLike, what: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise CheckpointError(
+            f"{source}: no '{key}', so this is not {what} in the original Wan naming (found keys such as "
+            f"{sorted(state_dict)[:5]}). Pass the original file or the Diffusers folder of this component."
+        )
+    return state_dict[key]
+
+
+def meta_like(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+def cast_once(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast floating tensors to ``dtype``; a tensor listed under two names (tied weights) is cast once."""
+    if dtype is None:
+        return dict(state_dict)
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in state_dict.items():
+        if id(v) not in done:
+            done[id(v)] = v.to(dtype) if v.is_floating_point() else v
+        out[k] = done[id(v)]
+    return out
+
+
+def check_then_load(
+    model: torch.nn.Module,
+    file_state_dict: Mapping[str, torch.Tensor],
+    to_original,
+    to_model,
+    source: PathLike,
+    *,
+    what: str,
+    dtype: torch.dtype,
+    hint: str,
+) -> torch.nn.Module:
+    """Check ``file_state_dict`` against the model's shapes in the file's naming, then convert and assign."""
+    expected = {k: tuple(v.shape) for k, v in to_original(meta_like(expected_shapes(model))).items()}
+    check_state_dict(expected, file_state_dict, source, what=what, hint=hint)
+    converted = cast_once(to_model(file_state_dict), dtype)
+    load_state_dict_strict(model, converted, source, what=what, hint=hint)
+    return model
+
+
+def load_transformers_folder(cls, folder: Path, *, dtype: torch.dtype, what: str, ignore_unexpected=None):
+    """``cls.from_pretrained`` on a local folder; refuse missing / unexpected / mis-shaped keys."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json, so not a saved {what} (transformers format).")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would duplicate (or contradict) our error below
+    try:
+        model, info = cls.from_pretrained(
+            str(folder), local_files_only=True, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{folder}: cannot be loaded as {what} ({type(exc).__name__}: {exc}).") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not (ignore_unexpected and ignore_unexpected.match(k))]
+    missing = list(info.get("missing_keys", ()))
+    mismatched = [(k, tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys", ())]
+    if missing or unexpected or mismatched or info.get("error_msgs"):
+        raise CheckpointError(
+            f"{folder}: does not fit {what} described by its config.json: "
+            f"{format_key_report(missing, unexpected, mismatched)}"
+            + (f"; errors: {info['error_msgs']}" if info.get("error_msgs") else "")
+            + ". Re-download the folder or fix its config.json."
+        )
+    return model.eval()
+
+
+def diffusers_weights_file(folder: Path) -> Path:
+    """The weights file (or shard index) of a diffusers model folder."""
+    for name in (
+        "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.bin.index.json",
+        "diffusion_pytorch_model.bin",
+    ):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin / sharded index) found.")
+
+
+def to_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    return model if torch.device(device) == torch.device("cpu") else model.to(device)

@@ -140,17 +140,14 @@ def _fill(values: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 
 def _gaussian_smooth(values: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian smoothing along axis 0 of float [N, ...] (edges: nearest value repeated)."""
+    """Gaussian smoothing along axis 0 of float [N, ...] (kernel truncated at 3 sigma; edges: nearest value
+    repeated), computed in float64 by ``scipy.ndimage.gaussian_filter1d``."""
     if sigma <= 0 or len(values) < 2:
         return values
-    radius = max(1, int(np.ceil(3 * sigma)))
-    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    kernel /= kernel.sum()
-    padded = np.concatenate([np.repeat(values[:1], radius, 0), values, np.repeat(values[-1:], radius, 0)])
-    out = np.zeros_like(values, dtype=np.float64)
-    for k, w in enumerate(kernel):
-        out += w * padded[k : k + len(values)]
-    return out.astype(values.dtype)
+    from scipy.ndimage import gaussian_filter1d
+
+    smoothed = gaussian_filter1d(values.astype(np.float64), sigma, axis=0, mode="nearest", truncate=3.0)
+    return smoothed.astype(values.dtype)
 
 
 def track_face(

@@ -10,17 +10,14 @@ always run in eval mode (BatchNorm uses its running statistics, dropout is off).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.common import empty_model, load_state_dict_strict, read_state_dict
 from ..config import EXPRESSION_PARTS
 from ._common import DeviceDtypeMixin
 
-__all__ = ["ConvBlock", "HourGlass", "FANTrunk", "PDFGCMotionEncoder", "load_pdfgc_motion_encoder"]
+__all__ = ["ConvBlock", "HourGlass", "FANTrunk", "PDFGCMotionEncoder"]
 
 
 def _conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
@@ -184,26 +181,3 @@ class PDFGCMotionEncoder(DeviceDtypeMixin, nn.Module):
         """``faces`` [B, 3, 224, 224] in [-1, 1] -> [B, 554] = cat(headpose 6, eye 6, emotion 30, mouth 512)."""
         parts = self.encode_parts(faces)
         return torch.cat([parts[name] for name, _ in EXPRESSION_PARTS], dim=-1)
-
-
-def load_pdfgc_motion_encoder(
-    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> PDFGCMotionEncoder:
-    """Load ``pd_fpg.pth`` (or a ``.safetensors`` with the same keys) strictly; frozen, eval mode.
-
-    The trunk width (64 released) is read from ``model.conv1.weight``; every other shape must then fit.
-
-    Raises:
-        CheckpointError: the file is unreadable or has missing / unexpected / mis-shaped keys (the
-            message names the file and the keys).
-    """
-    state_dict = read_state_dict(path)
-    conv1 = state_dict.get("model.conv1.weight")
-    width = int(conv1.shape[0]) if conv1 is not None and conv1.ndim == 4 else 64  # 64 released
-    with empty_model():
-        model = PDFGCMotionEncoder(width=width)
-    load_state_dict_strict(
-        model, state_dict, path, what="the PD-FGC motion encoder (pd_fpg.pth)", dtype=dtype,
-        hint="Expected the PD-FGC file pd_fpg.pth from FrancisRing/FlashPortrait.",
-    )
-    return model.to(device).eval().requires_grad_(False)

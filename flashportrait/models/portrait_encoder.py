@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..checkpoints.common import empty_model, load_state_dict_strict, read_state_dict
 from ..config import EXPRESSION_DIM, EXPRESSION_PARTS, EXPRESSION_TOKEN_DIM, TOKENS_PER_FRAME
+from ..windows import video_frames_for_latent_frames
 from ._common import DeviceDtypeMixin
 
 __all__ = [
@@ -32,7 +31,6 @@ __all__ = [
     "Resampler",
     "ExpressionProjection",
     "PortraitEncoder",
-    "load_portrait_encoder",
     "latent_frame_token_ranges",
     "window_token_lens",
     "split_tokens_per_latent_frame",
@@ -222,40 +220,7 @@ class PortraitEncoder(DeviceDtypeMixin, nn.Module):
         return tokens.reshape(b, n * self.tokens_per_frame, -1)
 
 
-def load_portrait_encoder(
-    path: str | os.PathLike,
-    config: PortraitEncoderConfig | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> PortraitEncoder:
-    """Load ``portrait_encoder.pt`` (or a ``.safetensors`` with the same keys) strictly, in eval mode.
-
-    Args:
-        path: the weights file (keys ``proj_model.*``, ``mouth_proj_model.*``, ``emo_proj_model.*``).
-        config: sizes; ``None`` = the released sizes.
-
-    Raises:
-        CheckpointError: unreadable file or missing / unexpected / mis-shaped keys (naming file and keys).
-    """
-    config = config or PortraitEncoderConfig()
-    state_dict = read_state_dict(path)
-    with empty_model():
-        model = PortraitEncoder(config)
-    load_state_dict_strict(
-        model, state_dict, path, what=f"the portrait encoder ({config})", dtype=dtype,
-        hint="Pass the PortraitEncoderConfig the file was trained with (released sizes by default).",
-    )
-    return model.to(device).eval()
-
-
 # --- per-latent-frame token windows (SPEC.md section 2) ----------------------------------------------
-
-
-def _num_video_frames(num_latent_frames: int) -> int:
-    if num_latent_frames < 1:
-        raise ValueError(f"num_latent_frames must be >= 1, got {num_latent_frames}.")
-    return 4 * (num_latent_frames - 1) + 1
 
 
 def latent_frame_token_ranges(num_latent_frames: int, tokens_per_frame: int = TOKENS_PER_FRAME) -> list[tuple[int, int]]:
@@ -266,7 +231,7 @@ def latent_frame_token_ranges(num_latent_frames: int, tokens_per_frame: int = TO
     token before); frame 0 takes [-(4T - s1), s1] with s1 = the start of frame 1's range (= T - 1).
     For T = 24, F = 3: [(-73, 23), (23, 119), (119, 215)].
     """
-    _num_video_frames(num_latent_frames)
+    video_frames_for_latent_frames(num_latent_frames)
     t = tokens_per_frame
     half = 2 * t
     s1 = t * 3 - 1 - half
@@ -282,7 +247,7 @@ def window_token_lens(num_latent_frames: int, tokens_per_frame: int = TOKENS_PER
 
     The released transformer attends to the zero padding as well; these lengths are informational.
     """
-    total = _num_video_frames(num_latent_frames) * tokens_per_frame
+    total = video_frames_for_latent_frames(num_latent_frames) * tokens_per_frame
     lens = [min(end, total - 1) - max(start, 0) + 1 for start, end in
             latent_frame_token_ranges(num_latent_frames, tokens_per_frame)]
     return torch.tensor(lens, dtype=torch.int64)
@@ -305,7 +270,7 @@ def split_tokens_per_latent_frame(
     Raises:
         ValueError: ``tokens`` is not 3-D or its length is not (4(F - 1) + 1) * T.
     """
-    num_frames = _num_video_frames(num_latent_frames)
+    num_frames = video_frames_for_latent_frames(num_latent_frames)
     expected = num_frames * tokens_per_frame
     if tokens.ndim != 3 or tokens.shape[1] != expected:
         raise ValueError(

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..models.motion_encoder import load_pdfgc_motion_encoder
+from ..checkpoints import load_pdfgc_motion_encoder, load_portrait_encoder
+from ..config import VAE_TEMPORAL_FACTOR
 from ..models.portrait_encoder import (
     PortraitEncoderConfig,
-    load_portrait_encoder,
     split_tokens_per_latent_frame,
     window_token_lens,
 )
@@ -36,7 +36,7 @@ def run_portrait_encoder(weights_path: Path, io: dict[str, torch.Tensor], manife
     model = load_portrait_encoder(weights_path, config)
     features = io["features"].float()
     num_frames = features.shape[1]
-    if (num_frames - 1) % 4:
+    if (num_frames - 1) % VAE_TEMPORAL_FACTOR:
         raise ValueError(f"{weights_path}: features hold {num_frames} frames; expected 4k+1.")
     num_latent = (num_frames - 1) // 4 + 1
     tokens = model(features)

@@ -1,7 +1,7 @@
 """Parity runners for the Wan2.1 component fixtures (``wan_t5_<v>``, ``wan_clip_<v>``, ``wan_vae_<v>``).
 
 Each ``run_<fixture kind>(weights_path, io, manifest)`` loads the fixture's weights file (original Wan naming)
-through the project's public loaders in :mod:`flashportrait.checkpoints.wan_components`, with the sizes of
+through the project's public loaders in :mod:`flashportrait.checkpoints`, with the sizes of
 ``manifest["t5" | "clip" | "vae"]``, runs it in float32 on the CPU and returns
 ``[(output_name, ours, reference), ...]`` for the ``check_parity`` command (relative L2 <= 1e-4).
 See /work/shared/reference/golden/README.md for the io tensors.
@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoints.wan_components import encode_clip_image, load_clip_vision, load_umt5_encoder, load_wan_vae
+from ..checkpoints import load_clip_vision, load_umt5_encoder, load_wan_vae
+from ..reference_image import encode_clip_image
 
 __all__ = ["run_wan_t5", "run_wan_clip", "run_wan_vae"]
 

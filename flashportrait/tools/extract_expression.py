@@ -50,7 +50,8 @@ def write_preview(features: ExpressionFeatures, video_path: str | Path, out_path
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     torch.manual_seed(0)
-    from flashportrait.models.motion_encoder import PDFGCMotionEncoder, load_pdfgc_motion_encoder
+    from flashportrait.checkpoints import load_pdfgc_motion_encoder
+    from flashportrait.models.motion_encoder import PDFGCMotionEncoder
 
     if args.pd_fpg_model_path:
         encoder = load_pdfgc_motion_encoder(args.pd_fpg_model_path, device=args.device)

@@ -1,0 +1,316 @@
+"""Command-line flags shared by ``infer.py``, ``fast_infer.py`` and ``app.py``, and the policy that turns
+them into pipeline arguments (one definition of each flag, one place for defaults that depend on others).
+
+Flag names are the authors' (``--validation_image_start``, ``--sub_num_frames``, ``--GPU_memory_mode`` ...)
+with clearer aliases; flags of our own follow their snake_case style. Out-of-range values are refused when
+parsing (``--num_inference_steps 0`` is an error, never "use the default"); flags that contradict each
+other are refused by :func:`resolve_settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import (
+    DEFAULT_CONTEXT_OVERLAP,
+    DEFAULT_CONTEXT_SIZE,
+    DEFAULT_EMO_CFG_SCALE,
+    DEFAULT_MAX_SIZE,
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_PROMPT,
+    DEFAULT_SHIFT,
+    DEFAULT_TEXT_CFG_SCALE,
+    MAX_RELEASED_SIZE,
+    VAE_TEMPORAL_FACTOR,
+    default_cache_dir,
+)
+from .memory import GPU_MEMORY_MODES
+from .sampling import SAMPLERS
+from .windows import latent_frames_for_video_frames
+
+__all__ = [
+    "TINY_DEFAULTS",
+    "DTYPES",
+    "add_input_args",
+    "add_checkpoint_args",
+    "add_sampling_args",
+    "add_hardware_args",
+    "make_parser",
+    "resolve_context_size",
+    "Settings",
+    "resolve_settings",
+    "output_file",
+]
+
+#: ``--tiny`` defaults for flags left unset
+TINY_DEFAULTS = dict(num_inference_steps=4, max_size=64, context_size=5, context_overlap=2)
+#: ``--dtype`` names
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+# --- argparse value types: refuse out-of-range values when parsing -------------------------------------
+
+
+def int_at_least(minimum: int):
+    """argparse type: an int ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def float_at_least(minimum: float, *, strict: bool = False):
+    """argparse type: a finite float ``>= minimum`` (``> minimum`` if ``strict``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+# --- flag groups ---------------------------------------------------------------------------------------
+
+
+def add_input_args(parser: argparse.ArgumentParser) -> None:
+    """Inputs and outputs: reference image, driving video, prompt, output file, fps, frame limit, cache."""
+    g = parser.add_argument_group("inputs and outputs")
+    g.add_argument("--validation_image_start", "--reference_image", dest="reference_image", default=None,
+                   help="reference portrait (png / jpg / webp; EXIF rotation applied, transparency on white)")
+    g.add_argument("--validation_driven_video_path", "--driving_video", dest="driving_video", default=None,
+                   help="driving video; its fps is the output's, its audio is muxed")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="used when --text_cfg_scale != 1")
+    g.add_argument("--save_path", default="samples/flashportrait", help="folder for NNNNNNNN.mp4 when no --output")
+    g.add_argument("--output", default=None, help="output .mp4 file (overrides --save_path)")
+    g.add_argument("--fps", type=float_at_least(0, strict=True), default=None,
+                   help="output fps (default: the driving video's); the driving video is resampled to it")
+    g.add_argument("--max_frames", type=int_at_least(5), default=None, help="use only the first N driving frames")
+    g.add_argument("--cache_dir", default=None,
+                   help=f"cache folder for expression features (default {default_cache_dir()}; delete it to clear)")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The downloaded weights (the authors' flag names) and ``--tiny``."""
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--wan_model_name", default=None, help="Wan2.1-I2V-14B-720P folder (original or Diffusers)")
+    g.add_argument("--transformer_path", default=None, help="FlashPortrait transformer.pt")
+    g.add_argument("--portrait_encoder_path", default=None, help="FlashPortrait portrait_encoder.pt")
+    g.add_argument("--pd_fpg_model_path", default=None, help="PD-FGC motion encoder pd_fpg.pth")
+    g.add_argument("--tiny", action="store_true",
+                   help="random tiny models (no checkpoints) + demo inputs: checks an installation in about a minute")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Steps, sampler, windows, guidance, size, seed."""
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--num_inference_steps", type=int_at_least(1), default=None,
+                   help=f"default {DEFAULT_NUM_INFERENCE_STEPS} ({TINY_DEFAULTS['num_inference_steps']} with --tiny)")
+    g.add_argument("--sampler", choices=SAMPLERS, default="euler")
+    g.add_argument("--shift", type=float_at_least(0, strict=True), default=DEFAULT_SHIFT,
+                   help="flow schedule shift (released 5)")
+    g.add_argument("--context_size", type=int_at_least(1), default=None,
+                   help=f"latent frames per window (default {DEFAULT_CONTEXT_SIZE} = 201 video frames; "
+                   f"{TINY_DEFAULTS['context_size']} with --tiny)")
+    g.add_argument("--sub_num_frames", type=int_at_least(1), default=None,
+                   help="video frames per window, 4k+1 (released 201); must agree with --context_size")
+    g.add_argument("--latents_num_frames", type=int_at_least(1), default=None,
+                   help="latent frames per window (released 51); must agree with --context_size")
+    g.add_argument("--context_overlap", type=int_at_least(0), default=None,
+                   help=f"latent frames shared by consecutive windows (default {DEFAULT_CONTEXT_OVERLAP}, or the same "
+                   "ratio for shorter windows; 10-40 is sensible)")
+    g.add_argument("--text_cfg_scale", type=float_at_least(0), default=DEFAULT_TEXT_CFG_SCALE,
+                   help="text guidance (1 = off, one model pass fewer)")
+    g.add_argument("--emo_cfg_scale", type=float_at_least(0), default=DEFAULT_EMO_CFG_SCALE,
+                   help="expression guidance (released options 2, 3, 4)")
+    g.add_argument("--max_size", type=int_at_least(16), default=None,
+                   help=f"longer output side in pixels, rounded up to /16 (default {DEFAULT_MAX_SIZE}; "
+                   f"{TINY_DEFAULTS['max_size']} with --tiny; at most {MAX_RELEASED_SIZE} unless --allow_large_size)")
+    g.add_argument("--allow_large_size", action="store_true",
+                   help=f"allow --max_size above {MAX_RELEASED_SIZE} (beyond the released resolutions; memory grows "
+                   "with the pixel count and is checked before the run)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--sequential_guidance", action="store_true",
+                   help="run the guidance passes one after another instead of as one batch (less memory, slower)")
+    g.add_argument("--decode_chunk_size", type=int_at_least(1), default=4, help="latent frames per VAE decode chunk")
+
+
+def add_hardware_args(parser: argparse.ArgumentParser) -> None:
+    """Device, dtype and the released memory modes."""
+    g = parser.add_argument_group("hardware")
+    g.add_argument("--GPU_memory_mode", choices=GPU_MEMORY_MODES, default="model_full_load")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with every group above (what ``infer.py`` takes)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_input_args(parser)
+    add_checkpoint_args(parser)
+    add_sampling_args(parser)
+    add_hardware_args(parser)
+    return parser
+
+
+# --- policy --------------------------------------------------------------------------------------------
+
+
+def resolve_context_size(
+    context_size: int | None = None,
+    sub_num_frames: int | None = None,
+    latents_num_frames: int | None = None,
+    default: int | None = None,
+) -> int:
+    """One window length in latent frames from the three ways the authors' flags give it.
+
+    The released ``infer.py`` has ``sub_num_frames`` (video frames per window, ``4k + 1``, 201),
+    ``latents_num_frames`` (latent frames per window, 51) and ``context_size`` (latent frames per window,
+    51); they describe the same length and must agree: ``latents = (sub_num_frames - 1) / 4 + 1``.
+
+    Args:
+        context_size, sub_num_frames, latents_num_frames: any subset (``None`` = not given).
+        default: returned when none is given (``None``: the released 51).
+
+    Raises:
+        ValueError: a value out of range (``sub_num_frames`` not ``4k + 1``, a length < 1) or two given
+        values that disagree (the message names both flags and their latent lengths).
+    """
+    given: dict[str, int] = {}
+    if sub_num_frames is not None:
+        if sub_num_frames < 1 or (sub_num_frames - 1) % VAE_TEMPORAL_FACTOR != 0:
+            raise ValueError(
+                f"sub_num_frames (video frames per window) must be 4k + 1 >= 1 (e.g. 81, 201), got {sub_num_frames}"
+            )
+        given["sub_num_frames"] = latent_frames_for_video_frames(sub_num_frames)
+    for name, value in (("latents_num_frames", latents_num_frames), ("context_size", context_size)):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"{name} (latent frames per window) must be >= 1, got {value}")
+            given[name] = value
+    if not given:
+        return DEFAULT_CONTEXT_SIZE if default is None else default
+    if len(set(given.values())) > 1:
+        described = ", ".join(
+            f"--{k} {sub_num_frames} (= {v} latent frames)" if k == "sub_num_frames" else f"--{k} {v}"
+            for k, v in given.items()
+        )
+        raise ValueError(
+            f"contradicting window lengths: {described}. They all set the window length (sub_num_frames = "
+            "4 (latents_num_frames - 1) + 1 video frames, context_size = latents_num_frames); give one, or "
+            "consistent values."
+        )
+    return next(iter(given.values()))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The flags after policy: every value the pipeline call needs, resolved and checked."""
+
+    device: torch.device
+    dtype: torch.dtype
+    num_inference_steps: int
+    context_size: int
+    context_overlap: int
+    max_size: int
+    cache_dir: Path
+
+    def call_kwargs(self, args: argparse.Namespace) -> dict:
+        """Keyword arguments of :class:`~flashportrait.pipeline.FlashPortraitPipeline` for ``args``."""
+        expression_kwargs = {"cache_dir": self.cache_dir / "expression"}
+        if args.max_frames is not None:
+            expression_kwargs["max_frames"] = args.max_frames
+        return dict(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=self.num_inference_steps,
+            context_size=self.context_size,
+            context_overlap=self.context_overlap,
+            text_cfg_scale=args.text_cfg_scale,
+            emo_cfg_scale=args.emo_cfg_scale,
+            max_size=self.max_size,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            fps=args.fps,
+            decode_chunk_size=args.decode_chunk_size,
+            expression_kwargs=expression_kwargs,
+            batch_guidance=not args.sequential_guidance,
+        )
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Apply the flag policy: device and dtype defaults, ``--tiny`` defaults for unset flags, the window
+    length from its three flags, the default overlap (the released 30 of 51, or that ratio for shorter
+    windows), the size bound, and the checkpoint flags that must be given together.
+
+    Raises:
+        ValueError: contradicting or missing flags (the message names them).
+    """
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type != "cpu" else "float32")]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("--dtype float16 is not usable on the CPU (about 1 GFLOP/s); use float32 or bfloat16")
+    window_given = any(getattr(args, k) is not None for k in ("context_size", "sub_num_frames", "latents_num_frames"))
+    tiny = {k: v for k, v in TINY_DEFAULTS.items() if args.tiny and not (k == "context_size" and window_given)}
+    context_size = resolve_context_size(args.context_size, args.sub_num_frames, args.latents_num_frames,
+                                        default=tiny.get("context_size"))
+    overlap = args.context_overlap
+    if overlap is None and args.tiny:
+        overlap = min(TINY_DEFAULTS["context_overlap"], context_size - 1)
+    if overlap is None:
+        overlap = min(DEFAULT_CONTEXT_OVERLAP, round(context_size * DEFAULT_CONTEXT_OVERLAP / DEFAULT_CONTEXT_SIZE))
+    if overlap >= context_size:
+        raise ValueError(
+            f"--context_overlap {overlap} must be smaller than the window length ({context_size} latent frames)"
+        )
+    max_size = args.max_size if args.max_size is not None else tiny.get("max_size", DEFAULT_MAX_SIZE)
+    if max_size > MAX_RELEASED_SIZE and not args.allow_large_size:
+        raise ValueError(
+            f"--max_size {max_size} is above {MAX_RELEASED_SIZE}, the largest released resolution (1280x720); "
+            "memory grows with the pixel count. Add --allow_large_size if you mean it."
+        )
+    if not args.tiny:
+        missing = [f for f in ("wan_model_name", "portrait_encoder_path", "pd_fpg_model_path") if getattr(args, f) is None]
+        if missing:
+            raise ValueError("missing " + ", ".join("--" + m for m in missing) + " (or use --tiny for the "
+                             "random-weight tiny models)")
+    steps = args.num_inference_steps
+    if steps is None:
+        steps = tiny.get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS)
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    return Settings(device, dtype, steps, context_size, overlap, max_size, cache_dir)
+
+
+def output_file(args: argparse.Namespace) -> Path:
+    """``--output``, else the next free ``<save_path>/NNNNNNNN.mp4`` (as the released script names them)."""
+    if args.output is not None:
+        return Path(args.output).expanduser()
+    folder = Path(args.save_path).expanduser()
+    index = len(list(folder.iterdir())) + 1 if folder.is_dir() else 1
+    while (folder / f"{index:08d}.mp4").exists():
+        index += 1
+    return folder / f"{index:08d}.mp4"
