@@ -155,6 +155,12 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                    help=f"allow --max_size above {MAX_RELEASED_SIZE} (beyond the released resolutions; memory grows "
                    "with the pixel count and is checked before the run)")
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--released_noise", action="store_true",
+                   help="draw the initial noise as the released script does (on the GPU, in the compute dtype): "
+                   "the released script's video for a seed; default: a CPU float32 draw, the same on every device")
+    g.add_argument("--blend_first_step", action="store_true",
+                   help="blend the window overlaps at the first sampling step too (the released loop overwrites "
+                   "them at the first step and blends from the second on)")
     g.add_argument("--sequential_guidance", action="store_true",
                    help="run the guidance passes one after another instead of as one batch (less memory, slower)")
     g.add_argument("--decode_chunk_size", type=int_at_least(1), default=4, help="latent frames per VAE decode chunk")
@@ -254,11 +260,13 @@ class Settings:
             text_cfg_scale=args.text_cfg_scale,
             emo_cfg_scale=args.emo_cfg_scale,
             max_size=self.max_size,
-            generator=torch.Generator("cpu").manual_seed(args.seed),
+            generator=torch.Generator(self.device if args.released_noise else "cpu").manual_seed(args.seed),
             fps=args.fps,
             decode_chunk_size=args.decode_chunk_size,
             expression_kwargs=expression_kwargs,
             batch_guidance=not args.sequential_guidance,
+            blend_first_step=args.blend_first_step,
+            released_noise=args.released_noise,
         )
 
 

@@ -69,11 +69,11 @@ MAX_RELEASED_SIZE = 1280
 #: output frame rate when neither --fps nor a driving video's rate is known (SPEC.md section 1)
 DEFAULT_FPS = 25.0
 DEFAULT_PROMPT = "The protagonist is talking"
+#: Wan's standard negative prompt, the released script's default (a model input: used verbatim, SPEC.md section 4)
 DEFAULT_NEGATIVE_PROMPT = (
-    "Vivid tones, overexposed, static, blurred details, subtitles, style, artwork, painting, picture, still, "
-    "overall grayish, worst quality, low quality, JPEG artifacts, ugly, deformed, extra fingers, poorly drawn "
-    "hands, poorly drawn face, malformed, disfigured, deformed limbs, fused fingers, still picture, cluttered "
-    "background, three legs, many people in the background, walking backwards"
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
 )
 
 

@@ -1,26 +1,26 @@
-"""Text and expression classifier-free guidance with three branches (SPEC.md section 4, "Guidance").
+"""Text and expression classifier-free guidance (SPEC.md section 4, "Guidance").
 
 Branches (each one model call on the same noisy window):
 
 * ``P``: prompt, expression tokens, expression scale 1 (fully conditioned);
 * ``E``: prompt, expression tokens, expression scale 0 (no expression term in the NFEB);
-* ``U``: negative prompt, expression scale 0.
+* ``U``: negative prompt, expression scale 0;
+* ``N``: negative prompt, expression tokens, expression scale 1 (only for ``emo_cfg <= 1``, below).
 
-The released combination is ``v = U + text_cfg (E - U) + emo_cfg (P - E)`` when ``text_cfg != 1`` and
-``v = E + emo_cfg (P - E)`` otherwise. Both are the same linear form
+Released rule with ``emo_cfg > 1`` (the released pipeline branches on it): ``v = U + text_cfg (E - U) +
+emo_cfg (P - E)`` when ``text_cfg != 1`` and ``v = E + emo_cfg (P - E)`` otherwise. Both are the same
+linear form
 
     v = (1 - text_cfg) U + (text_cfg - emo_cfg) E + emo_cfg P,
 
 (at ``text_cfg = 1`` the ``U`` coefficient is 0), so a branch is needed exactly when its coefficient
 is non-zero: released defaults (``text_cfg = 1``, ``emo_cfg = 4``) need ``E`` and ``P`` (two passes),
-``text_cfg = emo_cfg = 1`` needs only ``P``, ``text_cfg = emo_cfg != 1`` needs ``U`` and ``P``.
+``text_cfg = emo_cfg != 1`` needs ``U`` and ``P``.
+
+Released rule with ``emo_cfg <= 1`` (no expression-free branch; ``emo_cfg`` itself is not used): with
+``text_cfg != 1``, ``v = N + text_cfg (P - N)``; else ``v = P`` (one pass).
 
 The needed branches run as **one batch** (the transformer takes a per-sample ``expression_scale``).
-
-Differences from the released pipeline (``pipeline_wan_long.py``), which branches on ``emo_cfg > 1``:
-with ``emo_cfg <= 1`` it ignores ``emo_cfg`` and uses ``v = U' + text_cfg (P - U')`` where ``U'`` is the
-negative prompt *with* expression scale 1; we apply SPEC.md's formula for every scale. At the released
-settings (``emo_cfg`` 2-4) both agree.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ import torch
 __all__ = ["BRANCHES", "GuidancePlan", "plan_guidance", "batch_branch_inputs", "combine_branches"]
 
 #: branch names in batch order
-BRANCHES = ("U", "E", "P")
+BRANCHES = ("U", "N", "E", "P")
+#: branches whose text is the negative prompt
+NEGATIVE_BRANCHES = ("U", "N")
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,17 @@ class GuidancePlan:
 
     @property
     def expression_scales(self) -> tuple[float, ...]:
-        """Per-branch NFEB scale (1 for ``P``, 0 for ``E`` and ``U``)."""
-        return tuple(1.0 if b == "P" else 0.0 for b in self.branches)
+        """Per-branch NFEB scale (1 for ``P`` and ``N``, 0 for ``E`` and ``U``)."""
+        return tuple(1.0 if b in ("P", "N") else 0.0 for b in self.branches)
+
+    @property
+    def needs_negative_prompt(self) -> bool:
+        """True when a branch runs on the negative prompt (``text_cfg != 1``)."""
+        return any(b in NEGATIVE_BRANCHES for b in self.branches)
 
 
 def plan_guidance(text_cfg_scale: float, emo_cfg_scale: float) -> GuidancePlan:
-    """Decide which of ``U``, ``E``, ``P`` are needed for the given scales (see the module docstring).
+    """Decide which of ``U``, ``N``, ``E``, ``P`` are needed for the given scales (see the module docstring).
 
     Args:
         text_cfg_scale: text guidance scale (released default 1: off). Finite, ``>= 0``.
@@ -78,8 +85,11 @@ def plan_guidance(text_cfg_scale: float, emo_cfg_scale: float) -> GuidancePlan:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     text, emo = float(text_cfg_scale), float(emo_cfg_scale)
-    coeff = {"U": 1.0 - text, "E": text - emo, "P": emo}
-    needed = tuple(b for b in BRANCHES if coeff[b] != 0.0)
+    if emo > 1.0:
+        coeff = {"U": 1.0 - text, "E": text - emo, "P": emo}
+    else:  # released rule without the expression-free branch
+        coeff = {"N": 1.0 - text, "P": text}
+    needed = tuple(b for b in BRANCHES if coeff.get(b, 0.0) != 0.0)
     return GuidancePlan(needed, tuple(coeff[b] for b in needed), text, emo)
 
 
@@ -94,7 +104,7 @@ def batch_branch_inputs(
     Args:
         plan: from :func:`plan_guidance`.
         prompt_embeds: ``[B, Lt, D]`` umT5 embeddings of the prompt.
-        negative_prompt_embeds: ``[B, Lt, D]`` of the negative prompt; required iff ``"U"`` is needed.
+        negative_prompt_embeds: ``[B, Lt, D]`` of the negative prompt; required iff ``plan.needs_negative_prompt``.
         expression_tokens: ``[B, F, 97, 2048]`` window tokens (same for every branch; the ``U`` and ``E``
             branches switch the expression term off through a 0 scale), or ``None``.
 
@@ -108,7 +118,7 @@ def batch_branch_inputs(
     batch = prompt_embeds.shape[0]
     texts = []
     for b in plan.branches:
-        if b == "U":
+        if b in NEGATIVE_BRANCHES:
             if negative_prompt_embeds is None:
                 raise ValueError(
                     f"negative_prompt_embeds are needed for text_cfg_scale={plan.text_cfg_scale} (!= 1), got None"

@@ -260,9 +260,19 @@ class FlashPortraitPipeline(DiffusionPipeline):
                                                 **kwargs)
         return torch.as_tensor(extracted.features, dtype=torch.float32), float(extracted.fps)
 
-    def prepare_latents(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-        """One noise tensor ``shape`` (float32) for the whole video, drawn on the generator's device (a CPU
-        generator gives the same noise on every device), moved to the execution device."""
+    def prepare_latents(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, released_noise: bool = False
+    ) -> torch.Tensor:
+        """One noise tensor ``shape`` for the whole video, returned as float32 on the execution device.
+
+        Default: drawn in float32 on the generator's device (a CPU generator gives the same noise, so the same
+        video, on every device). ``released_noise``: drawn as the released script does, on the execution
+        device in the transformer's compute dtype (give a generator on that device), so a seed gives the
+        released script's noise (SPEC.md section 4).
+        """
+        if released_noise:
+            noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.transformer.dtype)
+            return noise.float()
         noise = randn_tensor(shape, generator=generator, device=torch.device("cpu") if generator is None
                              else generator.device, dtype=torch.float32)
         return noise.to(self._execution_device)
@@ -384,6 +394,8 @@ class FlashPortraitPipeline(DiffusionPipeline):
         attention_kwargs: dict | None = None,
         expression_kwargs: dict | None = None,
         batch_guidance: bool = True,
+        blend_first_step: bool = False,
+        released_noise: bool = False,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> FlashPortraitPipelineOutput:
@@ -417,6 +429,10 @@ class FlashPortraitPipeline(DiffusionPipeline):
                 :func:`flashportrait.expression.extract_expression_features` for ``driving_video``.
             batch_guidance: run the guidance branches of a window as one batch (fast) or one after another
                 (same result, less activation memory).
+            blend_first_step: blend the window overlaps at the first sampling step too; default: the released
+                loop's rule (the later window overwrites the overlap at the first step, blending from the
+                second step on).
+            released_noise: draw the noise as the released script does (see :meth:`prepare_latents`).
             callback_on_step_end: diffusers' step-end callback ``f(pipe, step, timestep, callback_kwargs) ->
                 dict`` (or a ``PipelineCallback``), called after every sampling step; a ``"latents"`` entry
                 in the returned dict replaces the latents. Raise from it to stop sampling.
@@ -459,7 +475,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
         compute_dtype = self.transformer.dtype  # the compute dtype also under fp8 layerwise casting
         prompt_embeds = self.encode_prompt(prompt)
         negative_embeds = None
-        if "U" in plan.branches:
+        if plan.needs_negative_prompt:
             negative_embeds = self.encode_prompt(negative_prompt if negative_prompt is not None else "")
         image_embeds = self.encode_image(image)
         condition = self.encode_condition(pixels, len(windows[0]))
@@ -487,10 +503,10 @@ class FlashPortraitPipeline(DiffusionPipeline):
         # 4. one noise tensor for the whole video
         latent_shape = (1, self.vae.config.z_dim, num_latent_frames, height // VAE_SPATIAL_FACTOR,
                         width // VAE_SPATIAL_FACTOR)
-        latents = self.prepare_latents(latent_shape, generator)
+        latents = self.prepare_latents(latent_shape, generator, released_noise)
 
         # 5. denoising loop: every window, blend, one scheduler step on the full latent
-        latents = self._denoise(denoiser, latents, windows, num_inference_steps, generator,
+        latents = self._denoise(denoiser, latents, windows, num_inference_steps, generator, blend_first_step,
                                 callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         num_out = num_video_frames - 1
@@ -509,8 +525,8 @@ class FlashPortraitPipeline(DiffusionPipeline):
             num_frames=num_out,
         )
 
-    def _denoise(self, denoiser, latents, windows, num_inference_steps, generator, callback_on_step_end,
-                 tensor_inputs) -> torch.Tensor:
+    def _denoise(self, denoiser, latents, windows, num_inference_steps, generator, blend_first_step,
+                 callback_on_step_end, tensor_inputs) -> torch.Tensor:
         """:func:`~flashportrait.sampling.sample_windows` with the pipeline's progress bar (one tick per step,
         the current window in its postfix) and diffusers' ``callback_on_step_end``."""
         position = {w.start: k + 1 for k, w in enumerate(windows)}
@@ -530,7 +546,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
                 return {"latents": outputs["latents"]} if "latents" in outputs else None
 
             return sample_windows(model, latents, self.scheduler, num_inference_steps, windows, callback=on_step,
-                                  disable=True, generator=generator)
+                                  disable=True, generator=generator, blend_first_step=blend_first_step)
 
     def _decode(self, latents, chunk_size, output_path, fps, audio_source, num_out, keep) -> np.ndarray | None:
         """Decode in chunks and stream the frames (without the reference slot) to ``output_path`` and/or keep

@@ -82,6 +82,7 @@ def blended_velocity(
     timestep: torch.Tensor,
     windows: Sequence[range],
     disable: bool | None = None,
+    blend: bool = True,
 ) -> torch.Tensor:
     """Evaluate ``model`` on every window of ``latents`` and blend into one velocity (SPEC.md section 4).
 
@@ -91,11 +92,13 @@ def blended_velocity(
         timestep: 0-d tensor, 0..1000 scale.
         windows: in order, as :func:`~flashportrait.windows.context_windows` returns them.
         disable: hide the per-window progress bar (``None``: hide when not a terminal).
+        blend: weighted blending in the overlaps; ``False``: the later window overwrites them (the released
+            loop's first step).
 
     Returns:
         ``[B, C, F, h, w]`` float32 blended velocity.
     """
-    blender = WindowBlender(latents.shape[2], dim=2, dtype=torch.float32)
+    blender = WindowBlender(latents.shape[2], dim=2, dtype=torch.float32, blend=blend)
     for window in tqdm(windows, desc="windows", leave=False, disable=disable or len(windows) == 1):
         blender.add(window, model(latents[:, :, window.start : window.stop], timestep, window))
     return blender.result()
@@ -110,12 +113,15 @@ def sample_windows(
     callback: Callable[[dict[str, Any]], None] | None = None,
     disable: bool | None = None,
     generator: torch.Generator | None = None,
+    blend_first_step: bool = False,
 ) -> torch.Tensor:
     """Sliding-window sampling with one scheduler over the full latent (SPEC.md section 4).
 
     Per timestep: every window is evaluated, the window velocities are blended
     (:func:`blended_velocity`), then ``scheduler.step`` advances the full latent once. Multistep
-    schedulers therefore keep one consistent history for the whole video.
+    schedulers therefore keep one consistent history for the whole video. At the first step the later
+    window's velocity overwrites the overlaps, as the released loop does (it blends from the second step
+    on); ``blend_first_step=True`` blends at every step.
 
     Args:
         model: window model callable (``WindowModel``).
@@ -130,6 +136,7 @@ def sample_windows(
             Raise from it to stop.
         disable: hide the progress bars.
         generator: passed to ``scheduler.step`` when it accepts one (stochastic samplers).
+        blend_first_step: blend the overlaps at the first step too (default: the released overwrite).
 
     Returns:
         ``[B, 16, F, h, w]`` float32 denoised latents.
@@ -143,7 +150,7 @@ def sample_windows(
     accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
     step_kwargs = {"generator": generator} if generator is not None and accepts_generator else {}
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="steps", disable=disable)):
-        velocity = blended_velocity(model, latents, t, windows, disable=disable)
+        velocity = blended_velocity(model, latents, t, windows, disable=disable, blend=i > 0 or blend_first_step)
         latents = scheduler.step(velocity, t, latents, return_dict=False, **step_kwargs)[0].float()
         if callback is not None:
             update = callback({"step": i, "timestep": t, "sigma": sigmas[i], "latents": latents, "velocity": velocity})

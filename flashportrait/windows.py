@@ -13,9 +13,11 @@ merged in order; in the ``n`` latent frames where window ``k`` overlaps what has
 far, ``v = lam_j * v_k + (1 - lam_j) * v_current`` with ``lam_j = j / (n - 1)``, ``j = 0 .. n - 1``
 (``lam = 0.5`` when ``n = 1``); elsewhere window ``k``'s values are written. Because the weights of every
 frame sum to one, blending velocities and then taking one Euler step equals the released code's
-"step every window, then blend the stepped latents" exactly. (The released loop skips the blending at
-the first sampling step and just overwrites overlaps with the later window; we blend at every step, as
-SPEC.md describes.)
+"step every window, then blend the stepped latents" exactly.
+
+First step (SPEC.md section 4, released rule): the released loop blends only from the second sampling step
+on; at the first step each later window's values simply overwrite the overlap (``WindowBlender(...,
+blend=False)``). The sampler follows that by default and blends at every step on request.
 """
 
 from __future__ import annotations
@@ -209,15 +211,19 @@ class WindowBlender:
     Use: ``b = WindowBlender(F); for w, v in ...: b.add(w, v); full = b.result()``. The output is
     allocated once (``F`` frames along ``dim``, 2 for ``[B, C, F, h, w]``) and written in place, so
     memory is one full-length tensor whatever the number of windows. Windows must come in the order
-    checked by :func:`check_windows`. Values are cast to ``dtype`` (float32 unless ``None``: keep).
+    checked by :func:`check_windows`. Values are cast to ``dtype`` (float32 unless ``None``: keep). With
+    ``blend=False`` a window's values overwrite the overlap instead of being blended (the released first step).
     """
 
-    def __init__(self, num_latent_frames: int, dim: int = 2, dtype: torch.dtype | None = torch.float32):
+    def __init__(
+        self, num_latent_frames: int, dim: int = 2, dtype: torch.dtype | None = torch.float32, blend: bool = True
+    ):
         if num_latent_frames < 1:
             raise ValueError(f"num_latent_frames must be >= 1, got {num_latent_frames}")
         self.num_latent_frames = num_latent_frames
         self.dim = dim
         self.dtype = dtype
+        self.blend = blend
         self._out: torch.Tensor | None = None
         self._prev: range | None = None
 
@@ -242,7 +248,9 @@ class WindowBlender:
         else:
             _check_follows(prev, window, f"window {window}")
             n = prev.stop - window.start
-            if n > 0:
+            if n > 0 and not self.blend:
+                self._out.narrow(self.dim, window.start, n).copy_(value.narrow(self.dim, 0, n))
+            elif n > 0:
                 shape = [1] * value.ndim
                 shape[self.dim] = n
                 lam = blend_weights(n, device=value.device, dtype=value.dtype).view(shape)

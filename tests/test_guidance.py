@@ -1,4 +1,4 @@
-"""Three-branch text / expression guidance (SPEC.md section 4, "Guidance")."""
+"""Text / expression guidance with the released rules (SPEC.md section 4, "Guidance")."""
 
 from __future__ import annotations
 
@@ -8,32 +8,47 @@ import torch
 from flashportrait.guidance import batch_branch_inputs, combine_branches, plan_guidance
 
 
-def _released(U, E, P, text, emo):
-    if text != 1:
-        return U + text * (E - U) + emo * (P - E)
-    return E + emo * (P - E)
+def _released(U, N, E, P, text, emo):
+    """The released pipeline's formulas, written as it branches (SPEC.md section 4)."""
+    if emo > 1:
+        if text != 1:
+            return U + text * (E - U) + emo * (P - E)
+        return E + emo * (P - E)
+    if text != 1:  # no expression-free branch: N = negative prompt with the expression term
+        return N + text * (P - N)
+    return P
 
 
 @pytest.mark.parametrize(
     "text, emo, branches",
     [
-        (1.0, 1.0, ("P",)),
         (1.0, 4.0, ("E", "P")),
-        (1.0, 0.0, ("E",)),
         (5.0, 4.0, ("U", "E", "P")),
-        (5.0, 1.0, ("U", "E", "P")),
         (3.0, 3.0, ("U", "P")),
+        (1.0, 1.0, ("P",)),  # emo <= 1: the released rule ignores emo_cfg
+        (1.0, 0.0, ("P",)),
+        (5.0, 1.0, ("N", "P")),
+        (2.0, 0.5, ("N", "P")),
     ],
 )
 def test_plan_and_combination(text, emo, branches):
     g = torch.Generator().manual_seed(1)
-    U, E, P = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
+    U, N, E, P = (torch.randn(2, 3, 4, generator=g) for _ in range(4))
     plan = plan_guidance(text, emo)
     assert plan.branches == branches
     assert sum(plan.coefficients) == pytest.approx(1.0)
-    by_name = {"U": U, "E": E, "P": P}
+    by_name = {"U": U, "N": N, "E": E, "P": P}
     outputs = torch.cat([by_name[b] for b in plan.branches])
-    torch.testing.assert_close(combine_branches(plan, outputs), _released(U, E, P, text, emo))
+    torch.testing.assert_close(combine_branches(plan, outputs), _released(U, N, E, P, text, emo))
+
+
+def test_negative_branch_with_expression_for_small_emo_scale():
+    plan = plan_guidance(2.0, 1.0)
+    pos, neg = torch.ones(1, 5, 8), -torch.ones(1, 5, 8)
+    text, tok, scale = batch_branch_inputs(plan, pos, neg, torch.zeros(1, 3, 97, 16))
+    assert plan.needs_negative_prompt and text[0].eq(-1).all() and text[1].eq(1).all()  # N, P
+    assert scale.tolist() == [1.0, 1.0]  # N keeps the expression term, as the released U'
+    assert not plan_guidance(1.0, 4.0).needs_negative_prompt
 
 
 def test_batch_inputs_layout():

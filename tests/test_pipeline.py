@@ -244,3 +244,45 @@ def test_pipeline_driving_video_fps_and_audio(examples_dir, tmp_path):
     assert out.num_frames == 4 and info.num_frames == 4  # 7 frames -> 5 usable -> 4 output frames
     assert info.fps == pytest.approx(25.0) and info.has_audio
     assert info.duration_s == pytest.approx(4 / 25, abs=0.05)
+
+
+def test_released_noise_is_drawn_in_the_compute_dtype_on_the_device():
+    pipe = _pipeline()
+    shape = (1, 16, 3, 4, 4)
+    default = pipe.prepare_latents(shape, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(default, torch.randn(shape, generator=torch.Generator().manual_seed(7)))
+    pipe.transformer.to(torch.bfloat16)
+    try:
+        released = pipe.prepare_latents(shape, torch.Generator().manual_seed(7), released_noise=True)
+        expected = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.bfloat16).float()
+        assert released.dtype == torch.float32 and torch.equal(released, expected)
+        assert not torch.equal(released, default)
+    finally:
+        pipe.transformer.to(torch.float32)
+
+
+def test_small_emo_scale_runs_the_released_branches():
+    """emo_cfg <= 1 with text_cfg != 1: the negative prompt with expression (N) and P, as released."""
+    pipe = _pipeline()
+    feats = torch.randn(9, EXPRESSION_DIM, generator=torch.Generator().manual_seed(4))
+    batches = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["expression_scale"].tolist()),
+                                                      with_kwargs=True)
+    try:
+        pipe(_reference(), expression_features=feats, num_inference_steps=1, max_size=16, output_type="latent",
+             text_cfg_scale=2.0, emo_cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert batches == [[1.0, 1.0]]
+
+
+def test_default_negative_prompt_is_the_released_string():
+    from flashportrait.config import DEFAULT_NEGATIVE_PROMPT
+
+    from .conftest import SHARED_DIR
+
+    spec = SHARED_DIR / "reference" / "SPEC.md"
+    if not spec.is_file():
+        pytest.skip(f"needs {spec} (the ../shared folder beside the clone)")
+    assert f"`{DEFAULT_NEGATIVE_PROMPT}`" in spec.read_text()
+    assert DEFAULT_NEGATIVE_PROMPT.startswith("色调艳丽") and DEFAULT_NEGATIVE_PROMPT.endswith("倒着走")

@@ -92,3 +92,36 @@ def test_make_scheduler_errors():
         make_scheduler("ddim")
     with pytest.raises(ValueError, match="shift"):
         make_scheduler("euler", 0.0)
+
+
+def test_first_step_overwrites_overlaps_then_blends_like_the_released_loop():
+    """SPEC.md section 4: at the first step the later window overwrites the overlap; blending from step 2."""
+    fake = FakeModel()
+
+    def model(x, t, window):  # windows disagree on shared frames (their start enters the velocity)
+        return fake(x, t, window) + 0.2 * window.start
+
+    frames = 11
+    windows = context_windows(frames, 5, 3)
+    x = torch.randn(1, 2, frames, 2, 2, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def record(name):
+        return lambda info: seen.setdefault(name, []).append((info["velocity"], info["latents"]))
+
+    released = sample_windows(model, x, make_scheduler("euler"), 3, windows, callback=record("released"), disable=True)
+    every = sample_windows(model, x, make_scheduler("euler"), 3, windows, callback=record("every"), disable=True,
+                           blend_first_step=True)
+    scheduler = make_scheduler("euler")
+    scheduler.set_timesteps(3)
+    t0 = scheduler.timesteps[0]
+    parts = [model(x[:, :, w.start : w.stop], t0, w) for w in windows]
+    overwrite = torch.zeros_like(x)
+    for w, v in zip(windows, parts):  # later windows simply written over earlier ones
+        overwrite[:, :, w.start : w.stop] = v
+    torch.testing.assert_close(seen["released"][0][0], overwrite)
+    torch.testing.assert_close(seen["every"][0][0], blend_all(parts, windows, frames))
+    assert not torch.allclose(released, every)
+    # from the second step on both blend: the same velocity for the same latent
+    v1 = blended_velocity(model, seen["released"][0][1], scheduler.timesteps[1], windows, disable=True)
+    torch.testing.assert_close(seen["released"][1][0], v1)

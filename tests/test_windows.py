@@ -143,3 +143,14 @@ def test_frame_counts():
     assert window_video_frames(range(21, 72)) == range(84, 285)
     with pytest.raises(ValueError):
         latent_frames_for_video_frames(0)
+
+
+def test_blender_without_blending_overwrites_the_overlap():
+    """The released first step: the later window's values replace the overlap instead of being blended."""
+    windows = [range(0, 4), range(2, 6)]
+    values = [torch.full((1, 1, 4, 1, 1), 1.0), torch.full((1, 1, 4, 1, 1), 3.0)]
+    blender = WindowBlender(6, blend=False)
+    for w, v in zip(windows, values):
+        blender.add(w, v)
+    assert blender.result().flatten().tolist() == [1, 1, 3, 3, 3, 3]
+    assert blend_all(values, windows, 6).flatten().tolist() == [1, 1, 1, 3, 3, 3]  # lam = 0, 1 over 2 frames
