@@ -18,6 +18,7 @@ normed cross-attention query:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,23 +50,76 @@ __all__ = [
 NFEB_EPS = 1e-5
 
 
-def renormalize_to_reference(e: torch.Tensor, x: torch.Tensor, eps: float = NFEB_EPS) -> torch.Tensor:
+#: tokens per chunk when the NFEB statistics are taken: fp32 temporaries stay at this many tokens per sample
+NFEB_CHUNK_TOKENS = 4096
+
+#: ``reduce(t) -> t`` summing a float64 tensor of per-sample partial sums over the ranks that hold the other
+#: parts of the sequence (sequence parallelism); ``None`` when the whole sequence is here
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _chunked_sum(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], chunk: int) -> torch.Tensor:
+    """Per-sample ``sum(fn(t_chunk.float()))`` over the token axis of ``t`` [B, L, C], chunk by chunk: the fp32
+    temporaries hold ``chunk`` tokens, the chunk sums are accumulated in float64. Returns float64 [B]."""
+    total = torch.zeros(t.shape[0], dtype=torch.float64, device=t.device)
+    for start in range(0, t.shape[1], chunk):
+        total += fn(t[:, start : start + chunk].float()).sum(dim=(1, 2), dtype=torch.float64)
+    return total
+
+
+def _mean_std(t: torch.Tensor, chunk: int, reduce: Reduce | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean and unbiased std of ``t`` [B, L, C] over tokens and channels, in two passes (sum, then
+    squared deviations from the mean: no cancellation), float64 [B, 1, 1] each."""
+    count = torch.full((t.shape[0],), float(t.shape[1] * t.shape[2]), dtype=torch.float64, device=t.device)
+    total = _chunked_sum(t, lambda c: c, chunk)
+    if reduce is not None:
+        count, total = reduce(count), reduce(total)
+    mean = total / count
+    m32 = mean.float().view(-1, 1, 1)
+    squares = _chunked_sum(t, lambda c: (c - m32).square(), chunk)
+    if reduce is not None:
+        squares = reduce(squares)
+    std = (squares / (count - 1)).sqrt()
+    return mean.view(-1, 1, 1), std.view(-1, 1, 1)
+
+
+def renormalize_to_reference(
+    e: torch.Tensor,
+    x: torch.Tensor,
+    eps: float = NFEB_EPS,
+    *,
+    chunk_tokens: int = NFEB_CHUNK_TOKENS,
+    reduce: Reduce | None = None,
+) -> torch.Tensor:
     """Shift and scale ``e`` to the mean and standard deviation of ``x`` (NFEB step 3, SPEC.md section 2).
 
     ``e' = (e - mean(e)) * std(x) / (std(e) + eps) + mean(x)``, with mean and (unbiased) std taken per
     sample over every token and channel.
 
+    Memory: the statistics are taken in float32 chunk by chunk (``chunk_tokens`` tokens; partial sums in
+    float64), in two passes per tensor, and the result is written chunk by chunk into one tensor of ``e``'s
+    dtype: no full-size float32 copy of ``e`` or ``x`` is made (at 720x1280 x 51 latent frames one such copy
+    is ~3.7 GB per sample; ``bench/bench_nfeb_memory.py`` measures the block).
+
     Args:
         e: expression-attention output, ``[B, L, C]``.
         x: text + image cross-attention output, ``[B, L, C]``.
+        chunk_tokens: tokens per chunk.
+        reduce: sums per-sample partial sums over ranks when ``e`` and ``x`` hold only this rank's part of the
+            sequence (sequence parallelism); the statistics then equal those of the whole sequence.
+
     Returns:
         ``[B, L, C]`` in ``e``'s dtype.
     """
-    dims = tuple(range(1, e.ndim))
-    e32, x32 = e.float(), x.float()  # statistics in fp32 also when the model runs in bf16
-    e_mean, e_std = e32.mean(dim=dims, keepdim=True), e32.std(dim=dims, keepdim=True)
-    x_mean, x_std = x32.mean(dim=dims, keepdim=True), x32.std(dim=dims, keepdim=True)
-    return ((e32 - e_mean) * (x_std / (e_std + eps)) + x_mean).to(e.dtype)
+    e_mean, e_std = _mean_std(e, chunk_tokens, reduce)
+    x_mean, x_std = _mean_std(x, chunk_tokens, reduce)
+    scale = (x_std / (e_std + eps)).float()
+    shift = (x_mean - e_mean * (x_std / (e_std + eps))).float()  # e' = e * scale + shift
+    out = torch.empty_like(e)
+    for start in range(0, e.shape[1], chunk_tokens):
+        part = e[:, start : start + chunk_tokens].float()
+        out[:, start : start + chunk_tokens] = (part * scale + shift).to(e.dtype)
+    return out
 
 
 def expand_expression_scale(
