@@ -114,6 +114,7 @@ def sample_windows(
     disable: bool | None = None,
     generator: torch.Generator | None = None,
     blend_first_step: bool = False,
+    velocity_fn: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sliding-window sampling with one scheduler over the full latent (SPEC.md section 4).
 
@@ -137,6 +138,9 @@ def sample_windows(
         disable: hide the progress bars.
         generator: passed to ``scheduler.step`` when it accepts one (stochastic samplers).
         blend_first_step: blend the overlaps at the first step too (default: the released overwrite).
+        velocity_fn: ``velocity_fn(model, latents, timestep, windows, disable=..., blend=...) -> velocity``,
+            how one step's blended velocity is computed (default :func:`blended_velocity`; e.g. a
+            window-parallel version that evaluates this rank's windows and gathers the others).
 
     Returns:
         ``[B, 16, F, h, w]`` float32 denoised latents.
@@ -149,8 +153,9 @@ def sample_windows(
     sigmas = scheduler.sigmas
     accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
     step_kwargs = {"generator": generator} if generator is not None and accepts_generator else {}
+    velocity_fn = velocity_fn or blended_velocity
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="steps", disable=disable)):
-        velocity = blended_velocity(model, latents, t, windows, disable=disable, blend=i > 0 or blend_first_step)
+        velocity = velocity_fn(model, latents, t, windows, disable=disable, blend=i > 0 or blend_first_step)
         latents = scheduler.step(velocity, t, latents, return_dict=False, **step_kwargs)[0].float()
         if callback is not None:
             update = callback({"step": i, "timestep": t, "sigma": sigmas[i], "latents": latents, "velocity": velocity})

@@ -13,7 +13,7 @@ wraps models for its samplers:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -154,7 +154,30 @@ class WindowDenoiser:
         self.image = image_embeds.to(self.dtype).repeat(plan.num_branches, 1, 1)
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, window: range) -> torch.Tensor:
-        n = self.plan.num_branches
+        """The guided velocity ``[B, 16, L, h, w]`` float32 of window ``window`` (``x`` its noisy latents)."""
+        return self.combine(self.branch_outputs(x, timestep, window))
+
+    def combine(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Guided velocity from all branches' outputs (:meth:`branch_outputs` order), float32."""
+        return combine_branches(self.plan, outputs)
+
+    def branch_outputs(
+        self, x: torch.Tensor, timestep: torch.Tensor, window: range, branches: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Raw transformer outputs of guidance branches, before they are combined.
+
+        Args:
+            x: ``[B, 16, L, h, w]`` noisy latents of ``window``.
+            timestep: 0-d or 1-element tensor on the 0..1000 scale.
+            window: latent frames ``x`` holds.
+            branches: indices into ``plan.branches`` to evaluate (default: all), e.g. to forecast some
+                branches instead of evaluating them, or to give branches to different ranks.
+
+        Returns:
+            ``[len(branches) * B, 16, L, h, w]`` in the transformer's output dtype, branch-major in the order
+            of ``branches``.
+        """
+        indices = list(range(self.plan.num_branches)) if branches is None else list(branches)
         length = x.shape[2]
         if length != len(window) or length > self.condition.shape[2]:
             raise ValueError(
@@ -163,22 +186,22 @@ class WindowDenoiser:
         inputs = torch.cat([x.to(self.dtype), self.condition[:, :, :length]], dim=1)
         tokens = None if self.expression_tokens is None else self.expression_tokens(window).to(self.dtype)
         t = torch.as_tensor(timestep, device=x.device).reshape(-1)
+        batch = x.shape[0]
+        rows = [torch.arange(i * batch, (i + 1) * batch) for i in indices]
         if self.batch_branches:
-            out = self._forward(inputs.repeat(n, 1, 1, 1, 1), t, tokens, n, slice(None))
-        else:
-            batch = x.shape[0]
-            out = torch.cat([self._forward(inputs, t, tokens, 1, slice(i * batch, (i + 1) * batch)) for i in range(n)])
-        return combine_branches(self.plan, out)
+            return self._forward(inputs.repeat(len(indices), 1, 1, 1, 1), t, tokens, len(indices), torch.cat(rows))
+        return torch.cat([self._forward(inputs, t, tokens, 1, r) for r in rows])
 
-    def _forward(self, inputs, t, tokens, repeats: int, rows: slice) -> torch.Tensor:
-        """One transformer call on ``inputs`` (already ``repeats`` times batched) for branch rows ``rows``."""
+    def _forward(self, inputs, t, tokens, repeats: int, rows: torch.Tensor) -> torch.Tensor:
+        """One transformer call on ``inputs`` (already ``repeats`` times batched) for branch rows ``rows``
+        (indices into the branch-major text / image / scale batches)."""
         if tokens is not None:
             tokens = tokens.repeat(repeats, 1, 1, 1)
         return self.transformer(
             hidden_states=inputs,
             timestep=t.expand(inputs.shape[0]),
-            encoder_hidden_states=self.text[rows],
-            encoder_hidden_states_image=self.image[rows],
+            encoder_hidden_states=self.text[rows.to(self.text.device)],
+            encoder_hidden_states_image=self.image[rows.to(self.image.device)],
             expression_tokens=tokens,
             expression_scale=self.scale[rows].to(inputs.device) if tokens is not None else None,
             attention_kwargs=self.attention_kwargs,

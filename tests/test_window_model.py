@@ -105,6 +105,12 @@ def test_window_denoiser_batched_branches_equal_separate_calls():
                 )
                 v = den(x, t, range(0, frames))
                 torch.testing.assert_close(v, expected, rtol=1e-4, atol=1e-4)
+                if plan.num_branches > 1:  # any subset of branches, in any order, gives those branches' outputs
+                    order = list(reversed(range(plan.num_branches)))
+                    by_name = {"U": U, "E": E, "P": P}
+                    subset = den.branch_outputs(x, t, range(0, frames), branches=order)
+                    want = torch.cat([by_name[plan.branches[i]] for i in order])
+                    torch.testing.assert_close(subset, want, rtol=1e-4, atol=1e-4)
 
 
 def test_window_tokens_equal_slices_of_the_whole_video_encoding():
