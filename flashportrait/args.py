@@ -45,6 +45,7 @@ __all__ = [
     "resolve_context_size",
     "Settings",
     "resolve_settings",
+    "find_face_tracker_models",
     "output_file",
 ]
 
@@ -122,6 +123,11 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--transformer_path", default=None, help="FlashPortrait transformer.pt")
     g.add_argument("--portrait_encoder_path", default=None, help="FlashPortrait portrait_encoder.pt")
     g.add_argument("--pd_fpg_model_path", default=None, help="PD-FGC motion encoder pd_fpg.pth")
+    g.add_argument("--det_model_path", default=None,
+                   help="the authors' face_det.onnx (default: next to pd_fpg.pth if there); with "
+                   "--alignment_model_path the driving video goes through the authors' face tracker")
+    g.add_argument("--alignment_model_path", default=None,
+                   help="the authors' face_landmark.onnx (default: next to pd_fpg.pth if there)")
     g.add_argument("--tiny", action="store_true",
                    help="random tiny models (no checkpoints) + demo inputs: checks an installation in about a minute")
 
@@ -245,10 +251,15 @@ class Settings:
     context_overlap: int
     max_size: int
     cache_dir: Path
+    face_tracker_models: tuple[Path, Path] | None = None
 
     def call_kwargs(self, args: argparse.Namespace) -> dict:
         """Keyword arguments of :class:`~flashportrait.pipeline.FlashPortraitPipeline` for ``args``."""
         expression_kwargs = {"cache_dir": self.cache_dir / "expression"}
+        if self.face_tracker_models is not None:
+            from .face.released_tracker import ReleasedFaceTracker
+
+            expression_kwargs["tracker"] = ReleasedFaceTracker(*self.face_tracker_models)
         if args.max_frames is not None:
             expression_kwargs["max_frames"] = args.max_frames
         return dict(
@@ -310,7 +321,34 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if steps is None:
         steps = tiny.get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS)
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    return Settings(device, dtype, steps, context_size, overlap, max_size, cache_dir)
+    trackers = find_face_tracker_models(args.pd_fpg_model_path, args.det_model_path, args.alignment_model_path)
+    return Settings(device, dtype, steps, context_size, overlap, max_size, cache_dir, trackers)
+
+
+def find_face_tracker_models(
+    pd_fpg_model_path: str | None, det_model_path: str | None, alignment_model_path: str | None
+) -> tuple[Path, Path] | None:
+    """The authors' face tracker files: the two flags, else ``face_det.onnx`` + ``face_landmark.onnx`` next to
+    ``pd_fpg.pth`` (as FrancisRing/FlashPortrait ships them), else None (the bundled detector is used).
+
+    Raises:
+        ValueError: only one of the two flags, or a flag naming a file that does not exist.
+    """
+    if (det_model_path is None) != (alignment_model_path is None):
+        raise ValueError("give both --det_model_path (face_det.onnx) and --alignment_model_path (face_landmark.onnx), "
+                         "or neither")
+    if det_model_path is not None:
+        paths = (Path(det_model_path).expanduser(), Path(alignment_model_path).expanduser())
+        for path in paths:
+            if not path.is_file():
+                raise ValueError(f"{path}: no such file (the authors' face tracker model)")
+        return paths
+    if pd_fpg_model_path is not None:
+        folder = Path(pd_fpg_model_path).expanduser().parent
+        paths = (folder / "face_det.onnx", folder / "face_landmark.onnx")
+        if all(p.is_file() for p in paths):
+            return paths
+    return None
 
 
 def output_file(args: argparse.Namespace) -> Path:

@@ -76,6 +76,28 @@ DEFAULT_NEGATIVE_PROMPT = (
     "三条腿，背景人很多，倒着走"
 )
 
+# --- training defaults (SPEC.md section 7; the authors' README and train script) -------------------
+#: prompt per data category (``<root>/{rec,vec,square}/<category>/<clip id>/``)
+TRAIN_PROMPTS = {
+    "speech": "The protagonist is talking",
+    "singing": "The protagonist is singing",
+    "dancing": "The protagonist is simultaneously dancing and singing",
+}
+#: the three resolution buckets: name -> (height, width) in pixels, and the path-list file of each
+TRAIN_BUCKETS = {"rec": (480, 832), "vec": (832, 480), "square": (720, 720)}
+TRAIN_PATH_LISTS = {"square": "video_square_path.txt", "rec": "video_rec_path.txt", "vec": "video_vec_path.txt"}
+TRAIN_NUM_FRAMES = 81  # video frames per training sample (4k + 1)
+TRAIN_LEARNING_RATE = 2e-5  # released script (paper: 1e-5)
+TRAIN_WEIGHT_DECAY = 3e-2
+TRAIN_ADAM_EPSILON = 1e-10
+TRAIN_ADAM_BETAS = (0.9, 0.999)
+TRAIN_WARMUP_STEPS = 100
+TRAIN_MAX_GRAD_NORM = 0.05  # the authors' train script
+#: one draw per step: (probability, weighting) with weightings "all" = 1 + face + lip, "face", "lip"
+TRAIN_LOSS_MASK_CHOICES = ((0.5, "all"), (0.2, "face"), (0.3, "lip"))
+TRAIN_MOTION_SUB_LOSS_RATIO = 0.25  # total = (1 - r) main + r motion
+TRAIN_EXPRESSION_DROPOUT = 0.1  # probability that a sample's expression tokens are zeroed
+
 
 def default_cache_dir() -> Path:
     """Where caches go (expression features, demo inputs): ``$FLASHPORTRAIT_CACHE_DIR``, else

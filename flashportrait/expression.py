@@ -2,13 +2,17 @@
 
 Pipeline of `extract_expression_features`:
 
-1. decode the video (PyAV, rotation applied) and detect faces with 5 points in every frame used
-   (`flashportrait.face.detector`, RetinaFace by default);
-2. follow one face, fill the frames where it was missed by interpolation, smooth the points over time
-   (`flashportrait.face.tracking`); a video without a usable face stops with an error naming the file and
-   the frames;
-3. decode again, align each frame onto the 224x224 template (Umeyama similarity, bicubic), scale to [-1, 1]
-   (`flashportrait.face.align`) and run the PD-FGC motion encoder in batches.
+1. decode the video (PyAV, rotation applied) and find five face points in every frame used, with one of
+   two backends:
+   * bundled (default): detect faces (`flashportrait.face.detector`, RetinaFace), follow one, smooth the
+     points over time (`flashportrait.face.tracking`);
+   * released: the authors' tracker, `face_det.onnx` + `face_landmark.onnx` with their tracking and
+     one-euro smoothing (`flashportrait.face.released_tracker`, FACE_TRACKER.md), when the user has them;
+   either way the frames where no face was found are filled by interpolation (never dropped), and a video
+   without a usable face stops with an error naming the file and the frames;
+2. decode again, align each frame onto the 224x224 template (Umeyama similarity, bicubic), scale to [-1, 1]
+   (`flashportrait.face.align`, or the authors' exact crop for the released backend) and run the PD-FGC
+   motion encoder in batches.
 
 The result has exactly one row per video frame used, in order (`frame_indices` says which source frames).
 
@@ -45,7 +49,7 @@ from flashportrait.config import EXPRESSION_DIM, EXPRESSION_PARTS, FACE_CROP_SIZ
 from flashportrait.config import default_cache_dir as config_cache_dir
 from flashportrait.face.align import align_face, to_model_input
 from flashportrait.face.detector import FaceDetector, create_detector
-from flashportrait.face.tracking import frame_ranges, track_face
+from flashportrait.face.tracking import fill_missing, frame_ranges, track_face
 from flashportrait.video_io import (
     VideoReadError,
     check_decoded_count,
@@ -59,6 +63,7 @@ __all__ = [
     "ExpressionFeatures",
     "extract_expression_features",
     "iter_aligned_crops",
+    "crops_to_model_input",
     "encoder_identity",
     "default_cache_dir",
 ]
@@ -66,7 +71,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: bump when the extraction changes in a way that invalidates old cache files
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: a driving face smaller than this (pixels, the shorter side of its box, median over frames) is warned about
 SMALL_FACE_PX = 40
 
@@ -83,7 +88,10 @@ class ExpressionFeatures:
         detected: bool [N], False where the points were interpolated because no face was detected.
         video_path: the video the features come from.
         num_source_frames: frames in the video (from its header), before any `max_frames` / resampling choice.
-        settings: the settings that produced the features (also the cache key's input).
+        settings: the settings that produced the features (also the cache key's input; ``settings["backend"]``
+            is "bundled" or "released").
+        dense_landmarks: float32 [N, 222, 2] the authors' tracker's points (frame pixels, filled like
+            `landmarks`) when it ran, else None.
     """
 
     features: torch.Tensor
@@ -94,6 +102,7 @@ class ExpressionFeatures:
     video_path: str = ""
     num_source_frames: int = 0
     settings: dict = field(default_factory=dict)
+    dense_landmarks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -121,6 +130,7 @@ class ExpressionFeatures:
             "video_path": self.video_path,
             "num_source_frames": int(self.num_source_frames),
             "settings": self.settings,
+            **({"dense_landmarks": self.dense_landmarks} if self.dense_landmarks is not None else {}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -225,6 +235,7 @@ def iter_aligned_crops(
     frame_indices: np.ndarray | torch.Tensor,
     *,
     size: int = FACE_CROP_SIZE,
+    released: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Decode the chosen frames and warp each onto the template.
 
@@ -232,33 +243,107 @@ def iter_aligned_crops(
         video_path: the video.
         landmarks: float [N, 5, 2] source-frame points, one set per row of `frame_indices`.
         frame_indices: int [N] source frame indices, sorted ascending (repeats allowed).
-        size: crop side in pixels.
+        size: crop side in pixels (224; the released crop is always 224).
+        released: use the authors' crop (`flashportrait.face.released_tracker.five_point_crop`: their Umeyama
+            dtypes, float32 points) instead of `flashportrait.face.align.align_face` (float64); the two differ
+            by up to one grey level in a few pixels.
 
     Yields:
         (crop uint8 [size, size, 3] RGB, matrix float64 [2, 3] source pixels -> crop pixels), N times.
     """
-    landmarks = np.asarray(landmarks, dtype=np.float64)
+    if released:
+        from flashportrait.face.released_tracker import five_point_crop
+
+        landmarks = np.asarray(landmarks, dtype=np.float32)
+    else:
+        landmarks = np.asarray(landmarks, dtype=np.float64)
     frame_indices = np.asarray(frame_indices, dtype=np.int64)
     count = 0
     for row, frame in enumerate(iter_frames(video_path, indices=frame_indices)):
-        yield align_face(frame, landmarks[row], size)
+        yield five_point_crop(frame, landmarks[row]) if released else align_face(frame, landmarks[row], size)
         count += 1
     if count != len(frame_indices):
-        raise RuntimeError(
+        raise VideoReadError(
             f"{video_path}: decoded {count} of the {len(frame_indices)} frames asked for (the file changed or is "
             "truncated?). Delete its expression cache file and run again."
         )
 
 
-def _run_encoder(motion_encoder: nn.Module, crops: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    x = to_model_input(np.stack(crops), device=device, dtype=dtype)
+def crops_to_model_input(crops: np.ndarray, *, released: bool = False, device="cpu", dtype=torch.float32):
+    """uint8 RGB crops [B, 224, 224, 3] -> [B, 3, 224, 224] in [-1, 1] for PD-FGC: ``x / 127.5 - 1`` in float32,
+    or with ``released`` the authors' ``float32(x / 255 * 2 - 1)`` computed in float64 (equal to 1 ulp)."""
+    if not released:
+        return to_model_input(crops, device=device, dtype=dtype)
+    from flashportrait.face.released_tracker import pdfgc_input
+
+    return torch.from_numpy(np.stack([pdfgc_input(c) for c in crops])).to(device, dtype)
+
+
+def _run_encoder(motion_encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = motion_encoder(x)
-    if out.ndim != 2 or out.shape != (len(crops), EXPRESSION_DIM):
+    if out.ndim != 2 or out.shape != (len(x), EXPRESSION_DIM):
         raise ValueError(
-            f"the motion encoder returned shape {tuple(out.shape)} for {len(crops)} faces; expected "
-            f"[{len(crops)}, {EXPRESSION_DIM}] (head pose 6, eye 6, emotion 30, mouth 512)"
+            f"the motion encoder returned shape {tuple(out.shape)} for {len(x)} faces; expected "
+            f"[{len(x)}, {EXPRESSION_DIM}] (head pose 6, eye 6, emotion 30, mouth 512)"
         )
     return out.detach().to("cpu", torch.float32)
+
+
+@dataclass
+class _FacePoints:
+    """Pass 1's result: five points per decoded frame (filled), which were detected, the face size, and the
+    authors' 222 points when their tracker ran."""
+
+    landmarks: np.ndarray  # float32 [N, 5, 2]
+    detected: np.ndarray  # bool [N]
+    face_px: float  # median shorter side of the face box, pixels
+    dense: np.ndarray | None = None  # float32 [N, 222, 2]
+
+
+def _bundled_pass(video: Path, frames: Iterator[np.ndarray], total: int, detector: FaceDetector, progress,
+                  fps: float, smooth_sigma: float, max_gap_s: float, min_detected_fraction: float) -> _FacePoints:
+    """The bundled path: detect faces (batches of 8), follow one, fill gaps, smooth (`flashportrait.face`)."""
+    detections = []
+    batch: list[np.ndarray] = []
+    bar = _progress_bar(progress, total, f"detect faces ({video.name})")
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == 8:
+            detections.extend(detector.detect_batch(batch))
+            bar.update(len(batch))
+            batch = []
+    if batch:
+        detections.extend(detector.detect_batch(batch))
+        bar.update(len(batch))
+    bar.close()
+    check_decoded_count(video, len(detections), total)
+    track = track_face(detections, source=str(video), smooth_sigma=smooth_sigma,
+                       max_gap=max(1, int(round(max_gap_s * fps))), min_detected_fraction=min_detected_fraction)
+    sides = np.minimum(track.boxes[:, 2] - track.boxes[:, 0], track.boxes[:, 3] - track.boxes[:, 1])
+    return _FacePoints(track.landmarks, track.detected, float(np.median(sides)))
+
+
+def _released_pass(video: Path, frames_factory, total: int, tracker, progress, fps: float, max_gap_s: float,
+                   min_detected_fraction: float) -> _FacePoints:
+    """The authors' tracker (two passes over the frames, one-euro smoothing inside; FACE_TRACKER.md), then the
+    frames where it found no face are filled by interpolation like the bundled path (never dropped)."""
+    from flashportrait.face.released_tracker import FIVE_POINT_INDEX
+
+    bar = _progress_bar(progress, 2 * total, f"track faces, 2 passes ({video.name})")
+
+    def frames_bgr():
+        for rgb in frames_factory():
+            bar.update(1)
+            yield np.ascontiguousarray(rgb[..., ::-1])
+
+    result = tracker.track(frames_bgr, source=str(video))
+    bar.close()
+    check_decoded_count(video, result.num_frames, total)
+    fill = dict(source=str(video), max_gap=max(1, int(round(max_gap_s * fps))),
+                min_detected_fraction=min_detected_fraction)
+    dense = fill_missing(result.landmarks, result.found, **fill).astype(np.float32)
+    extent = dense.max(axis=1) - dense.min(axis=1)  # [N, 2] bounding box of the 222 points
+    return _FacePoints(dense[:, FIVE_POINT_INDEX], result.found, float(np.median(extent.min(axis=1))), dense)
 
 
 def extract_expression_features(
@@ -268,6 +353,7 @@ def extract_expression_features(
     device: str | torch.device = "cpu",
     batch_size: int = 16,
     detector: FaceDetector | None = None,
+    tracker=None,
     max_frames: int | None = None,
     target_fps: float | None = None,
     smooth_sigma: float = 1.0,
@@ -275,7 +361,7 @@ def extract_expression_features(
     min_detected_fraction: float = 0.5,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress=True,
 ) -> ExpressionFeatures:
     """Expression features [N, 554] for the frames of a driving video.
 
@@ -285,12 +371,16 @@ def extract_expression_features(
             mapping [B, 3, 224, 224] RGB in [-1, 1] to [B, 554]. It is moved to `device` and set to eval mode.
         device: where the encoder runs.
         batch_size: faces per encoder call.
-        detector: face detector (default: `create_detector("retinaface")`).
+        detector: face detector of the bundled path (default: `create_detector("retinaface")`).
+        tracker: a `flashportrait.face.released_tracker.ReleasedFaceTracker` (the authors' face_det.onnx +
+            face_landmark.onnx): when given it replaces detection, following and smoothing, and the crops
+            are made as the authors make them, so the features equal the released pipeline's on every frame
+            where it finds a face; frames where it finds none are interpolated (the authors drop them).
         max_frames: use only the first `max_frames` frames (after resampling, if `target_fps` is set).
         target_fps: resample to this constant rate by timestamps (frames repeated or skipped; see
             `frame_indices`). None: every decoded frame, at the video's average rate. Use it for variable-
             frame-rate videos (a warning says so).
-        smooth_sigma: temporal smoothing of the face points, in frames (0: none).
+        smooth_sigma: temporal smoothing of the face points of the bundled path, in frames (0: none).
         max_gap_s: longest stretch without a detected face that is filled by interpolation, in seconds.
         min_detected_fraction: stop if the face is detected in fewer frames than this fraction.
         cache: load / store the result in a cache file (see the module docstring).
@@ -302,7 +392,7 @@ def extract_expression_features(
         `ExpressionFeatures` with one row per frame used.
 
     Raises:
-        flashportrait.video_io.VideoReadError: unreadable video.
+        flashportrait.video_io.VideoReadError: unreadable or truncated video.
         flashportrait.face.NoFaceError / FaceTrackingError: no face, or too few frames with one.
     """
     video = Path(video_path)
@@ -313,15 +403,18 @@ def extract_expression_features(
     if target_fps is not None and target_fps <= 0:
         raise ValueError(f"target_fps must be > 0 frames per second or None, got {target_fps}")
     info = probe_video(video)
-    detector = detector if detector is not None else create_detector("retinaface")
+    released = tracker is not None
+    if not released:
+        detector = detector if detector is not None else create_detector("retinaface")
     device = torch.device(device)
 
     settings = {
         "version": CACHE_VERSION,
-        "detector": detector.identity(),
+        "backend": "released" if released else "bundled",
+        "detector": tracker.identity() if released else detector.identity(),
         "max_frames": max_frames,
         "target_fps": target_fps,
-        "smooth_sigma": smooth_sigma,
+        "smooth_sigma": None if released else smooth_sigma,
         "max_gap_s": max_gap_s,
         "min_detected_fraction": min_detected_fraction,
         "crop_size": FACE_CROP_SIZE,
@@ -346,6 +439,7 @@ def extract_expression_features(
             selected = selected[:max_frames]
         fps = float(target_fps)
         decode_indices = np.unique(selected)
+        total = len(decode_indices)
     else:
         if info.is_vfr:
             logger.warning(
@@ -355,49 +449,34 @@ def extract_expression_features(
         selected = None
         fps = info.fps
         decode_indices = None
+        total = min(info.num_frames, max_frames or info.num_frames)
 
-    # --- pass 1: detection ------------------------------------------------------------------------------
-    total = len(decode_indices) if decode_indices is not None else min(info.num_frames, max_frames or info.num_frames)
-    detections = []
-    batch: list[np.ndarray] = []
-    bar = _progress_bar(progress, total, f"detect faces ({video.name})")
-    frames_iter = iter_frames(video, max_frames=max_frames if selected is None else None, indices=decode_indices)
-    for frame in frames_iter:
-        batch.append(frame)
-        if len(batch) == 8:
-            detections.extend(detector.detect_batch(batch))
-            bar.update(len(batch))
-            batch = []
-    if batch:
-        detections.extend(detector.detect_batch(batch))
-        bar.update(len(batch))
-    bar.close()
-    check_decoded_count(video, len(detections), total)
-    if selected is None:
-        decode_indices = np.arange(len(detections), dtype=np.int64)
+    def frames_factory() -> Iterator[np.ndarray]:
+        return iter_frames(video, max_frames=max_frames if decode_indices is None else None, indices=decode_indices)
+
+    # --- pass 1: five face points per frame -------------------------------------------------------------
+    logger.info("%s: expression features with %s", video,
+                "the authors' face tracker (face_det.onnx + face_landmark.onnx)" if released
+                else f"the bundled face detector ({type(detector).__name__})")
+    if released:
+        points = _released_pass(video, frames_factory, total, tracker, progress, fps, max_gap_s, min_detected_fraction)
+    else:
+        points = _bundled_pass(video, frames_factory(), total, detector, progress, fps, smooth_sigma, max_gap_s,
+                               min_detected_fraction)
+    if decode_indices is None:
+        decode_indices = np.arange(len(points.detected), dtype=np.int64)
         selected = decode_indices
-    elif len(detections) != len(decode_indices):
-        raise VideoReadError(f"{video}: decoded {len(detections)} of {len(decode_indices)} frames; is the file truncated?")
-
-    # --- tracking ---------------------------------------------------------------------------------------
-    track = track_face(
-        detections,
-        source=str(video),
-        smooth_sigma=smooth_sigma,
-        max_gap=max(1, int(round(max_gap_s * fps))),
-        min_detected_fraction=min_detected_fraction,
-    )
-    if track.num_interpolated:
-        logger.info(
-            "%s: no face detected in %d of %d frames (%s); their points were interpolated.",
-            video, track.num_interpolated, len(track), frame_ranges(decode_indices[track.interpolated_frames]),
-        )
-    face_px = float(np.median(np.minimum(track.boxes[:, 2] - track.boxes[:, 0], track.boxes[:, 3] - track.boxes[:, 1])))
-    if face_px < SMALL_FACE_PX:
+    elif len(points.detected) != len(decode_indices):
+        raise VideoReadError(f"{video}: decoded {len(points.detected)} of {len(decode_indices)} frames; is the file truncated?")
+    missing = np.flatnonzero(~points.detected)
+    if len(missing):
+        logger.info("%s: no face detected in %d of %d frames (%s); their points were interpolated.",
+                    video, len(missing), len(points.detected), frame_ranges(decode_indices[missing]))
+    if points.face_px < SMALL_FACE_PX:
         logger.warning(
             "%s: the face is only about %.0f pixels wide; the expression encoder sees a 224-pixel crop enlarged from "
             "it, so expressions will be weak. Use a video where the face is at least %d pixels.",
-            video, face_px, SMALL_FACE_PX,
+            video, points.face_px, SMALL_FACE_PX,
         )
 
     # --- pass 2: align + encode -------------------------------------------------------------------------
@@ -407,31 +486,35 @@ def extract_expression_features(
     outputs: list[torch.Tensor] = []
     crops: list[np.ndarray] = []
     bar = _progress_bar(progress, len(decode_indices), "encode expressions")
+
+    def encode() -> None:
+        outputs.append(_run_encoder(motion_encoder, crops_to_model_input(np.stack(crops), released=released,
+                                                                         device=device, dtype=dtype)))
+        bar.update(len(crops))
+        crops.clear()
+
     with torch.inference_mode():
-        for crop, _ in iter_aligned_crops(video, track.landmarks, decode_indices):
+        for crop, _ in iter_aligned_crops(video, points.landmarks, decode_indices, released=released):
             crops.append(crop)
             if len(crops) == batch_size:
-                outputs.append(_run_encoder(motion_encoder, crops, device, dtype))
-                bar.update(len(crops))
-                crops = []
+                encode()
         if crops:
-            outputs.append(_run_encoder(motion_encoder, crops, device, dtype))
-            bar.update(len(crops))
+            encode()
     bar.close()
     unique_feats = torch.cat(outputs)
 
     # unique decoded frames -> selected rows (identity unless resampling repeated frames)
     rows = np.searchsorted(decode_indices, selected)
-    rows_t = torch.from_numpy(rows)
     result = ExpressionFeatures(
-        features=unique_feats[rows_t].contiguous(),
+        features=unique_feats[torch.from_numpy(rows)].contiguous(),
         fps=fps,
         frame_indices=torch.from_numpy(np.asarray(selected, dtype=np.int64)),
-        landmarks=torch.from_numpy(track.landmarks[rows]),
-        detected=torch.from_numpy(track.detected[rows]),
+        landmarks=torch.from_numpy(points.landmarks[rows]),
+        detected=torch.from_numpy(points.detected[rows]),
         video_path=str(video),
         num_source_frames=int(info.num_frames),
         settings=settings,
+        dense_landmarks=None if points.dense is None else torch.from_numpy(points.dense[rows]),
     )
 
     if cache_path is not None:

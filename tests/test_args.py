@@ -104,3 +104,23 @@ def test_infer_without_checkpoints_or_tiny_is_a_one_line_error(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.startswith("error: missing --wan_model_name") and "Traceback" not in result.stderr
+
+
+def test_face_tracker_models_from_flags_or_next_to_pd_fpg(tmp_path):
+    from flashportrait.args import find_face_tracker_models
+
+    pd_fpg = tmp_path / "FlashPortrait" / "pd_fpg.pth"
+    pd_fpg.parent.mkdir()
+    pd_fpg.write_bytes(b"x")
+    assert find_face_tracker_models(str(pd_fpg), None, None) is None  # bundled detector
+    for name in ("face_det.onnx", "face_landmark.onnx"):
+        (pd_fpg.parent / name).write_bytes(b"x")
+    assert find_face_tracker_models(str(pd_fpg), None, None) == (pd_fpg.parent / "face_det.onnx",
+                                                                  pd_fpg.parent / "face_landmark.onnx")
+    with pytest.raises(ValueError, match="give both"):
+        find_face_tracker_models(None, str(pd_fpg.parent / "face_det.onnx"), None)
+    with pytest.raises(ValueError, match="no such file"):
+        find_face_tracker_models(None, str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"))
+    s = resolve_settings(parse("--tiny", "--det_model_path", str(pd_fpg.parent / "face_det.onnx"),
+                               "--alignment_model_path", str(pd_fpg.parent / "face_landmark.onnx")))
+    assert s.face_tracker_models is not None

@@ -25,7 +25,15 @@ import numpy as np
 
 from flashportrait.face.detector import FaceDetection
 
-__all__ = ["FaceTrack", "FaceTrackingError", "NoFaceError", "FaceFollower", "track_face", "frame_ranges"]
+__all__ = [
+    "FaceTrack",
+    "FaceTrackingError",
+    "NoFaceError",
+    "FaceFollower",
+    "fill_missing",
+    "track_face",
+    "frame_ranges",
+]
 
 
 class FaceTrackingError(RuntimeError):
@@ -150,6 +158,53 @@ def _gaussian_smooth(values: np.ndarray, sigma: float) -> np.ndarray:
     return smoothed.astype(values.dtype)
 
 
+def fill_missing(
+    values: np.ndarray,
+    detected: np.ndarray,
+    *,
+    source: str = "the video",
+    max_gap: int | None = None,
+    min_detected_fraction: float = 0.5,
+) -> np.ndarray:
+    """Check that enough frames have the face, then fill the others by linear interpolation over time.
+
+    Args:
+        values: float [N, ...] per-frame points (rows where ``detected`` is False are ignored).
+        detected: bool [N].
+        source, max_gap, min_detected_fraction: as in :func:`track_face`.
+
+    Returns:
+        float [N, ...]: the detected rows unchanged, the others interpolated (held before the first / after
+        the last detection).
+
+    Raises:
+        NoFaceError: no frame has the face. FaceTrackingError: too few frames, or a gap longer than ``max_gap``.
+    """
+    n = len(detected)
+    count = int(np.sum(detected))
+    if count == 0:
+        raise NoFaceError(
+            f"{source}: no face found in any of its {n} frames (frames 0-{n - 1}). "
+            "Use a driving video in which one face is clearly visible."
+        )
+    missing = np.flatnonzero(~detected)
+    if count < min_detected_fraction * n:
+        raise FaceTrackingError(
+            f"{source}: a face was found in only {count} of {n} frames (needs {min_detected_fraction:.0%}); "
+            f"missing in frames {frame_ranges(missing)}. Trim the video to the part where the face is visible."
+        )
+    if max_gap is not None:
+        long_gaps = [(s, e) for s, e in _gaps(detected) if e - s + 1 > max_gap]
+        if long_gaps:
+            idx = np.concatenate([np.arange(s, e + 1) for s, e in long_gaps])
+            raise FaceTrackingError(
+                f"{source}: the face is missing for more than {max_gap} consecutive frames, in frames "
+                f"{frame_ranges(idx)}; too long to interpolate. Trim these parts from the video, or allow "
+                "longer gaps (max_gap_s)."
+            )
+    return _fill(values, detected)
+
+
 def track_face(
     detections: Sequence[Sequence[FaceDetection]],
     *,
@@ -188,28 +243,10 @@ def track_face(
         if face is not None:
             raw_lm[i], raw_box[i], scores[i] = face.landmarks, face.box, face.score
     detected = ~np.isnan(raw_lm[:, 0, 0])
-    count = int(detected.sum())
-    if count == 0:
-        raise NoFaceError(
-            f"{source}: no face found in any of its {n} frames (frames 0-{n - 1}). "
-            "Use a driving video in which one face is clearly visible."
-        )
-    missing = np.flatnonzero(~detected)
-    if count < min_detected_fraction * n:
-        raise FaceTrackingError(
-            f"{source}: a face was found in only {count} of {n} frames (needs {min_detected_fraction:.0%}); "
-            f"missing in frames {frame_ranges(missing)}. Trim the video to the part where the face is visible."
-        )
-    if max_gap is not None:
-        long_gaps = [(s, e) for s, e in _gaps(detected) if e - s + 1 > max_gap]
-        if long_gaps:
-            idx = np.concatenate([np.arange(s, e + 1) for s, e in long_gaps])
-            raise FaceTrackingError(
-                f"{source}: the face is missing for more than {max_gap} consecutive frames, in frames "
-                f"{frame_ranges(idx)}; too long to interpolate. Trim these parts from the video, or allow "
-                "longer gaps (max_gap_s)."
-            )
-    landmarks = _gaussian_smooth(_fill(raw_lm, detected), smooth_sigma)
+    landmarks = _gaussian_smooth(
+        fill_missing(raw_lm, detected, source=source, max_gap=max_gap, min_detected_fraction=min_detected_fraction),
+        smooth_sigma,
+    )
     boxes = _gaussian_smooth(_fill(raw_box, detected), smooth_sigma)
     return FaceTrack(
         landmarks=landmarks.astype(np.float32),

@@ -22,8 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import (
@@ -45,6 +47,8 @@ __all__ = [
     "FlashPortraitTransformer3DModel",
     "renormalize_to_reference",
     "expand_expression_scale",
+    "context_parallel_sum",
+    "LatentFrameTokens",
 ]
 
 NFEB_EPS = 1e-5
@@ -120,6 +124,30 @@ def renormalize_to_reference(
         part = e[:, start : start + chunk_tokens].float()
         out[:, start : start + chunk_tokens] = (part * scale + shift).to(e.dtype)
     return out
+
+
+def context_parallel_sum(parallel_config) -> Reduce | None:
+    """The ``reduce`` of :func:`renormalize_to_reference` under diffusers' context parallelism.
+
+    Args:
+        parallel_config: a processor's ``_parallel_config`` (set by ``ModelMixin.enable_parallelism``), or ``None``.
+
+    Returns:
+        ``None`` without context parallelism; else a function that sums a float64 tensor of per-sample partial
+        sums over every rank of the context-parallel group (ring x ulysses), each rank holding whole latent frames
+        of the sequence (:class:`LatentFrameTokens`), so the NFEB statistics equal the unsharded ones.
+    """
+    cp_config = getattr(parallel_config, "context_parallel_config", None)
+    if cp_config is None or cp_config._flattened_mesh is None or cp_config._flattened_mesh.size() == 1:
+        return None
+    group = cp_config._flattened_mesh.get_group()
+
+    def reduce(partial: torch.Tensor) -> torch.Tensor:
+        total = partial.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    return reduce
 
 
 def expand_expression_scale(
@@ -207,7 +235,9 @@ class FlashPortraitAttnProcessor(WanAttnProcessor):
             emo_key = attn.emo_k_proj(tokens).unflatten(2, (attn.heads, -1))
             emo_value = attn.emo_v_proj(tokens).unflatten(2, (attn.heads, -1))
             expression = attend(frame_query, emo_key, emo_value).reshape(hidden_states.shape)
-            expression = renormalize_to_reference(expression, hidden_states)
+            # under context parallelism this rank holds whole latent frames; the statistics are summed over ranks
+            reduce = context_parallel_sum(self._parallel_config)
+            expression = renormalize_to_reference(expression, hidden_states, reduce=reduce)
             if expression_scale is not None:
                 expression = expression * expression_scale.to(expression.dtype)
             hidden_states = hidden_states + expression
@@ -215,6 +245,34 @@ class FlashPortraitAttnProcessor(WanAttnProcessor):
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         return hidden_states
+
+
+class LatentFrameTokens(nn.Module):
+    """Latent-frame-major inputs -> token sequences: where context parallelism splits a window into whole frames.
+
+    ``forward(hidden_states [B, C, F, h, w], freqs_cos [1, F, h*w, 1, D], freqs_sin [1, F, h*w, 1, D],
+    expression_tokens [B, F, W, C_expr] | None)`` returns ``(tokens [B, F*h*w, C], freqs_cos [1, F*h*w, 1, D],
+    freqs_sin [1, F*h*w, 1, D])`` followed by ``expression_tokens`` when given (frame-major: token ``f*h*w + i`` is
+    patch ``i`` of latent frame ``f``). No parameters.
+
+    Under diffusers' context parallelism (``_cp_plan`` of :class:`FlashPortraitTransformer3DModel`) the hook in
+    front of this module splits all four inputs along their latent-frame axis, the same ranges for each (contiguous,
+    rank order, ``tensor_split`` sizes: the first ``F mod n`` ranks get one frame more), so each rank holds whole
+    latent frames: the NFEB's per-frame expression attention stays local, and its whole-sequence statistics are
+    summed over ranks (:func:`context_parallel_sum`).
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        freqs_cos: torch.Tensor,
+        freqs_sin: torch.Tensor,
+        expression_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        tokens = hidden_states.flatten(2).transpose(1, 2).contiguous()
+        out = (tokens, freqs_cos.flatten(1, 2), freqs_sin.flatten(1, 2))
+        # the context-parallel hook requires a tuple of tensors only: no None entry
+        return out if expression_tokens is None else (*out, expression_tokens)
 
 
 class FlashPortraitAttention(WanAttention):
@@ -313,7 +371,19 @@ class FlashPortraitTransformer3DModel(WanTransformer3DModel):
 
     _no_split_modules = ["FlashPortraitTransformerBlock"]
     _repeated_blocks = ["FlashPortraitTransformerBlock"]
-    _cp_plan = None  # the per-frame expression attention needs whole frames; no context parallelism yet
+    # Context parallelism (diffusers' ``enable_parallelism``): whole latent frames per rank. The frame-major inputs of
+    # ``frame_tokens`` are split along the frame axis, self-attention runs Ulysses / ring attention through the
+    # attention dispatcher, cross-attention and the per-frame expression attention stay local, the NFEB statistics
+    # are all-reduced, and ``proj_out``'s tokens are gathered back in frame order.
+    _cp_plan = {
+        "frame_tokens": {
+            "hidden_states": ContextParallelInput(split_dim=2, expected_dims=5),
+            "freqs_cos": ContextParallelInput(split_dim=1, expected_dims=5),
+            "freqs_sin": ContextParallelInput(split_dim=1, expected_dims=5),
+            "expression_tokens": ContextParallelInput(split_dim=1, expected_dims=4),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
 
     @register_to_config
     def __init__(
@@ -357,6 +427,7 @@ class FlashPortraitTransformer3DModel(WanTransformer3DModel):
         )
         self.register_to_config(num_layers=num_layers)
         inner_dim = num_attention_heads * attention_head_dim
+        self.frame_tokens = LatentFrameTokens()
         self.blocks = nn.ModuleList(
             [
                 FlashPortraitTransformerBlock(
@@ -366,6 +437,28 @@ class FlashPortraitTransformer3DModel(WanTransformer3DModel):
                 for _ in range(num_layers)
             ]
         )
+
+    def _check_context_parallel_split(self, num_frames: int) -> None:
+        """Raise ``ValueError`` unless ``num_frames`` latent frames split into whole frames over the context-parallel
+        ranks (every rank at least one frame; an equal share when Ulysses and ring are combined, whose unified
+        attention needs equal token counts)."""
+        cp_config = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp_config is None:
+            return
+        degree = cp_config.ulysses_degree * cp_config.ring_degree
+        if num_frames < degree:
+            raise ValueError(
+                f"a window of {num_frames} latent frames cannot be split over {degree} sequence-parallel ranks "
+                f"(ulysses {cp_config.ulysses_degree} x ring {cp_config.ring_degree}): each rank needs whole latent "
+                "frames. Use a smaller --ulysses_degree / --ring_degree or longer windows (--context_size)."
+            )
+        uneven = cp_config.ulysses_anything or cp_config.ring_anything
+        if not uneven and num_frames % degree != 0:
+            raise ValueError(
+                f"a window of {num_frames} latent frames does not split evenly over ulysses {cp_config.ulysses_degree}"
+                f" x ring {cp_config.ring_degree} ranks; with both degrees > 1 diffusers needs equal shares: choose "
+                f"--context_size as a multiple of {degree} or use only one of --ulysses_degree / --ring_degree."
+            )
 
     @apply_lora_scale("attention_kwargs")
     def forward(
@@ -396,7 +489,9 @@ class FlashPortraitTransformer3DModel(WanTransformer3DModel):
             ``Transformer2DModelOutput(sample=[B, out_channels, F, H, W])`` (or a 1-tuple).
 
         Raises:
-            ValueError: expression tokens whose batch or frame count does not match ``hidden_states``.
+            ValueError: expression tokens whose batch or frame count does not match ``hidden_states``; under
+                context parallelism, fewer latent frames than context-parallel ranks (or, with both Ulysses and
+                ring degrees > 1, a frame count they do not divide).
         """
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
@@ -407,8 +502,14 @@ class FlashPortraitTransformer3DModel(WanTransformer3DModel):
                 "tokens, dim] (one window of tokens per latent frame of hidden_states)."
             )
 
-        rotary_emb = self.rope(hidden_states)
-        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        self._check_context_parallel_split(post_f)
+        freqs_cos, freqs_sin = self.rope(hidden_states)
+        frame_major = (freqs_cos.unflatten(1, (post_f, -1)), freqs_sin.unflatten(1, (post_f, -1)))
+        hidden_states, *rotary_emb = self.frame_tokens(self.patch_embedding(hidden_states), *frame_major,
+                                                       expression_tokens)
+        if expression_tokens is not None:  # this rank's latent frames only under context parallelism
+            *rotary_emb, expression_tokens = rotary_emb
+        rotary_emb = tuple(rotary_emb)
 
         timestep = timestep.reshape(-1).expand(batch_size) if timestep.numel() == 1 else timestep
         temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = self.condition_embedder(
