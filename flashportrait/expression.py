@@ -252,7 +252,7 @@ def iter_aligned_crops(
         (crop uint8 [size, size, 3] RGB, matrix float64 [2, 3] source pixels -> crop pixels), N times.
     """
     if released:
-        from flashportrait.face.released_tracker import five_point_crop
+        from flashportrait.face.released_ops import five_point_crop
 
         landmarks = np.asarray(landmarks, dtype=np.float32)
     else:
@@ -274,7 +274,7 @@ def crops_to_model_input(crops: np.ndarray, *, released: bool = False, device="c
     or with ``released`` the authors' ``float32(x / 255 * 2 - 1)`` computed in float64 (equal to 1 ulp)."""
     if not released:
         return to_model_input(crops, device=device, dtype=dtype)
-    from flashportrait.face.released_tracker import pdfgc_input
+    from flashportrait.face.released_ops import pdfgc_input
 
     return torch.from_numpy(np.stack([pdfgc_input(c) for c in crops])).to(device, dtype)
 
@@ -327,7 +327,7 @@ def _released_pass(video: Path, frames_factory, total: int, tracker, progress, f
                    min_detected_fraction: float) -> _FacePoints:
     """The authors' tracker (two passes over the frames, one-euro smoothing inside; FACE_TRACKER.md), then the
     frames where it found no face are filled by interpolation like the bundled path (never dropped)."""
-    from flashportrait.face.released_tracker import FIVE_POINT_INDEX
+    from flashportrait.face.released_ops import FIVE_POINT_INDEX
 
     bar = _progress_bar(progress, 2 * total, f"track faces, 2 passes ({video.name})")
 

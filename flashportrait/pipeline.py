@@ -33,7 +33,6 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,6 +59,7 @@ from .config import (
 )
 from .guidance import plan_guidance
 from .latents import frames_to_uint8, iter_decode_latents, normalize_latents
+from .preflight import check_output_path
 from .reference_image import (
     SIZE_MULTIPLE,
     clip_preprocess,
@@ -76,7 +76,7 @@ from .windows import (
     video_frames_for_latent_frames,
 )
 
-__all__ = ["FlashPortraitPipeline", "FlashPortraitPipelineOutput", "clean_prompt", "check_output_path"]
+__all__ = ["FlashPortraitPipeline", "FlashPortraitPipelineOutput", "clean_prompt"]
 
 
 def clean_prompt(text: str) -> str:
@@ -89,29 +89,6 @@ def clean_prompt(text: str) -> str:
         pass
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Check that an ``.mp4`` can be written at ``path`` (its folder exists or can be made, and is writable).
-
-    Creates the folder if needed; writes nothing else.
-
-    Raises:
-        ValueError: not an ``.mp4`` name, a folder that cannot be created, or one without write permission.
-    """
-    path = Path(os.fspath(path)).expanduser()
-    if path.suffix.lower() != ".mp4":
-        raise ValueError(f"output must end in .mp4, got {path}")
-    if path.is_dir():
-        raise ValueError(f"output {path} is a folder; give a file name ending in .mp4")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create the output folder {folder} ({exc.strerror or exc})") from exc
-    if not os.access(folder, os.W_OK | os.X_OK) or not (folder.stat().st_mode & 0o222):
-        raise ValueError(f"the output folder {folder} is not writable; choose another --output / --save_path")
-    return path
 
 
 @dataclass

@@ -23,14 +23,36 @@ import numpy as np
 import torch
 
 from .memory import available_memory_bytes, estimate_reference_encoding_bytes
-from .pipeline import check_output_path
 from .reference_image import load_reference_image, reference_size
 from .video_io import VideoInfo, probe_video
 from .windows import latent_frames_for_video_frames
 
-__all__ = ["check_run_inputs", "reference_has_face"]
+__all__ = ["check_run_inputs", "check_output_path", "reference_has_face"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Check that an ``.mp4`` can be written at ``path`` (its folder exists or can be made, and is writable).
+
+    Creates the folder if needed; writes nothing else.
+
+    Raises:
+        ValueError: not an ``.mp4`` name, a folder that cannot be created, or one without write permission.
+    """
+    path = Path(os.fspath(path)).expanduser()
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"output must end in .mp4, got {path}")
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; give a file name ending in .mp4")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output folder {folder} ({exc.strerror or exc})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK) or not (folder.stat().st_mode & 0o222):
+        raise ValueError(f"the output folder {folder} is not writable; choose another --output / --save_path")
+    return path
 
 
 def reference_has_face(image) -> bool:

@@ -22,11 +22,8 @@ import cv2
 import numpy as np
 import pytest
 
-from flashportrait.face.released_tracker import (
+from flashportrait.face.released_ops import (
     FIVE_POINT_INDEX,
-    RECORD_KEYS,
-    ReleasedFaceTracker,
-    ReleasedTrackResult,
     Smoother222,
     atan2f_svml,
     decode_detections,
@@ -35,13 +32,19 @@ from flashportrait.face.released_tracker import (
     letterbox_matrix,
     one_euro_step,
     pdfgc_input,
-    released_pairing,
     smoother_time_step,
     softmax,
+)
+from flashportrait.face.released_tracker import (
+    RECORD_KEYS,
+    ReleasedFaceTracker,
+    ReleasedTrackResult,
+    released_pairing,
     usable_frame_count,
 )
 from flashportrait.face.tracking import NoFaceError
-from tests.conftest import SHARED_DIR
+
+from .conftest import SHARED_DIR
 
 TRACKER_DIR = SHARED_DIR / "reference" / "face_tracker"
 CASES = ("d0", "d3", "edge_d0", "duo_d0", "blank")
