@@ -41,6 +41,9 @@ __all__ = [
     "add_checkpoint_args",
     "add_sampling_args",
     "add_hardware_args",
+    "add_parallel_args",
+    "add_alp_args",
+    "resolve_alp",
     "make_parser",
     "resolve_context_size",
     "Settings",
@@ -167,17 +170,110 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--blend_first_step", action="store_true",
                    help="blend the window overlaps at the first sampling step too (the released loop overwrites "
                    "them at the first step and blends from the second on)")
-    g.add_argument("--sequential_guidance", action="store_true",
-                   help="run the guidance passes one after another instead of as one batch (less memory, slower)")
+    guidance = g.add_mutually_exclusive_group()
+    guidance.add_argument("--sequential_guidance", action="store_true",
+                          help="run the guidance passes one after another (one pass's activation memory, slower); "
+                          "default: the memory plan logged before sampling chooses from the free GPU memory")
+    guidance.add_argument("--batch_guidance", action="store_true",
+                          help="run the guidance passes of a window as one batch (fastest) even where the memory "
+                          "plan expects it not to fit")
     g.add_argument("--decode_chunk_size", type=int_at_least(1), default=4, help="latent frames per VAE decode chunk")
 
 
 def add_hardware_args(parser: argparse.ArgumentParser) -> None:
     """Device, dtype and the released memory modes."""
     g = parser.add_argument_group("hardware")
-    g.add_argument("--GPU_memory_mode", choices=GPU_MEMORY_MODES, default="model_full_load")
+    g.add_argument("--GPU_memory_mode", choices=GPU_MEMORY_MODES, default="model_full_load",
+                   help="where the weights live: model_group_offload streams the transformer's blocks through the "
+                   "GPU (about one block resident); the text and image encoders leave the GPU after encoding in "
+                   "every mode")
+    g.add_argument("--latents_on_cpu", action="store_true",
+                   help="keep the whole video's latents, velocity and sampler state in CPU memory with only the "
+                   "current window on the GPU (default: automatic for very long videos, see the memory plan)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """More than one process (``torchrun``): sequence-parallel degrees (the authors' flag names) and the backend.
+    Window (and guidance) parallelism needs no flag: it uses every rank not taken by the sequence degrees."""
+    from .parallel import BACKENDS
+
+    g = parser.add_argument_group("parallel (torchrun --nproc_per_node N ...)")
+    g.add_argument("--ulysses_degree", type=int_at_least(1), default=1,
+                   help="ranks sharing one window by Ulysses (all-to-all) sequence parallelism; must divide the heads")
+    g.add_argument("--ring_degree", type=int_at_least(1), default=1,
+                   help="ranks sharing one window by ring-attention sequence parallelism (GPUs only)")
+    g.add_argument("--dist_backend", choices=BACKENDS, default=None,
+                   help="torch.distributed backend (default: nccl with GPUs, gloo on CPUs)")
+
+
+def add_alp_args(parser: argparse.ArgumentParser) -> None:
+    """Acceleration (``fast_infer.py``, ``app.py``): Adaptive Latent Prediction (:class:`~flashportrait.alp.ALPConfig`,
+    on unless ``--no_alp``; unset flags keep its measured defaults) and the authors' 4-step distillation LoRA.
+    :func:`resolve_alp` turns them into the pipeline's ``alp`` argument."""
+    from .alp import FORECAST_MODES, GRANULARITIES
+
+    g = parser.add_argument_group("acceleration (Adaptive Latent Prediction; the released 4-step LoRA)")
+    g.add_argument("--no_alp", action="store_true", help="evaluate the model at every step (no forecasting)")
+    g.add_argument("--alp_mode", choices=FORECAST_MODES, default=None,
+                   help="newton (default): exact polynomial extrapolation of the data prediction; paper: the "
+                   "paper's printed Taylor formula (its ablation)")
+    g.add_argument("--alp_order", type=int_at_least(0), default=None, help="forecast order (default 1; the paper: 3)")
+    g.add_argument("--alp_interval", type=int_at_least(1), default=None,
+                   help="fixed grid: evaluate every N-th step after the warm-up, and the last step")
+    g.add_argument("--alp_warmup", type=int_at_least(1), default=None, help="first steps always evaluated (default 1)")
+    g.add_argument("--alp_tolerance", type=float_at_least(0, strict=True), default=None,
+                   help="adaptive intervals against this predicted, step-weighted relative forecast error")
+    g.add_argument("--alp_budget", type=int_at_least(1), default=None,
+                   help="model evaluations per window over the run (default: a fifth of the steps, 6 of 30)")
+    g.add_argument("--alp_alpha", type=float_at_least(0), default=None,
+                   help="--alp_mode paper: exponent of the timestep factor s (default 1.5; 0 = TaylorSeer)")
+    g.add_argument("--alp_granularity", choices=GRANULARITIES, default=None,
+                   help="what one forecast covers: the whole blended velocity (latent, default), each window, or "
+                   "each window's guidance branches")
+    g.add_argument("--step_distill_lora", default=None,
+                   help="the authors' fast_lora_rank64.safetensors: merged for the run (the loaded weights stay "
+                   "untouched) and sampled with its 4 steps (timesteps 1000, 750, 500, 250 at shift 5); no ALP")
+    g.add_argument("--lora_scale", type=float_at_least(0), default=None, help="strength of --step_distill_lora (1)")
+
+
+#: ``--alp_*`` flag -> :class:`~flashportrait.alp.ALPConfig` field
+ALP_FLAGS = {"alp_mode": "mode", "alp_order": "order", "alp_interval": "interval", "alp_warmup": "warmup",
+             "alp_tolerance": "tolerance", "alp_budget": "budget", "alp_alpha": "alpha", "alp_granularity": "granularity"}
+
+
+def resolve_alp(args: argparse.Namespace):
+    """The pipeline's ``alp`` argument for :func:`add_alp_args` flags: an ``ALPConfig`` (defaults for unset flags),
+    or ``None`` with ``--no_alp`` or ``--step_distill_lora``.
+
+    Raises:
+        ValueError: ``--alp_*`` flags with ``--no_alp`` or ``--step_distill_lora`` (the distilled schedule has 4
+        steps, each needed), ``--lora_scale`` without the LoRA, ``--alp_alpha`` outside paper mode, or
+        contradicting ALP flags (e.g. ``--alp_interval`` with ``--alp_budget``).
+    """
+    from .alp import ALPConfig
+
+    given = {flag: getattr(args, flag) for flag in ALP_FLAGS if getattr(args, flag, None) is not None}
+    named = ", ".join("--" + f for f in given)
+    if args.lora_scale is not None and args.step_distill_lora is None:
+        raise ValueError("--lora_scale needs --step_distill_lora (the LoRA it scales)")
+    if args.step_distill_lora is not None:
+        if given:
+            raise ValueError(f"--step_distill_lora does not combine with {named}: the distilled schedule has 4 "
+                             "steps and needs every one (ALP forecasts between evaluations of a 30-step run); "
+                             "give one of them")
+        return None
+    if args.no_alp:
+        if given:
+            raise ValueError(f"--no_alp contradicts {named}")
+        return None
+    if "alp_alpha" in given and given.get("alp_mode") != "paper":
+        raise ValueError("--alp_alpha is the paper formula's timestep factor; add --alp_mode paper")
+    try:
+        return ALPConfig(**{ALP_FLAGS[f]: v for f, v in given.items()})
+    except ValueError as exc:
+        raise ValueError(f"{named}: {exc}") from None
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -187,6 +283,7 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     add_checkpoint_args(parser)
     add_sampling_args(parser)
     add_hardware_args(parser)
+    add_parallel_args(parser)
     return parser
 
 
@@ -275,7 +372,9 @@ class Settings:
             fps=args.fps,
             decode_chunk_size=args.decode_chunk_size,
             expression_kwargs=expression_kwargs,
-            batch_guidance=not args.sequential_guidance,
+            batch_guidance=True if getattr(args, "batch_guidance", False) else (False if args.sequential_guidance
+                                                                                else None),
+            latents_on_cpu=True if getattr(args, "latents_on_cpu", False) else None,
             blend_first_step=args.blend_first_step,
             released_noise=args.released_noise,
         )

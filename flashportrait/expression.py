@@ -27,6 +27,9 @@ Cache
 Warnings
     A face whose box is under `SMALL_FACE_PX` pixels (median over the frames) is logged: PD-FGC then sees a
     crop enlarged from a few pixels and its numbers carry little expression.
+
+Length: the two backends, the cache and the error messages all act on the same two passes over the video;
+splitting them would pass the decoded frames and their indices between modules.
 """
 
 from __future__ import annotations

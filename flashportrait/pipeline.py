@@ -23,12 +23,17 @@ condition), prepare latents, the denoising loop, decode (SPEC.md sections 1, 2, 
 
 Construction from checkpoint files or the tiny family is in :mod:`flashportrait.factory`, memory modes in
 :mod:`flashportrait.memory`, command-line flags in :mod:`flashportrait.args`.
+
+Length: one class whose ``__call__`` is the five steps above, plus the encode/prepare/decode methods diffusers'
+pipelines keep on the class; every option of a run (memory plan, window and guidance parallelism, ALP) is a
+few lines of it and lives in its own module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import html
+import logging
 import math
 import os
 import re
@@ -59,6 +64,8 @@ from .config import (
 )
 from .guidance import plan_guidance
 from .latents import frames_to_uint8, iter_decode_latents, normalize_latents
+from .memory import onloaded, plan_pipeline_memory
+from .parallel import WindowParallelVelocity, broadcast_from_main_rank, run_on_main_rank
 from .preflight import check_output_path
 from .reference_image import (
     SIZE_MULTIPLE,
@@ -77,6 +84,8 @@ from .windows import (
 )
 
 __all__ = ["FlashPortraitPipeline", "FlashPortraitPipelineOutput", "clean_prompt"]
+
+logger = logging.getLogger(__name__)
 
 
 def clean_prompt(text: str) -> str:
@@ -238,9 +247,14 @@ class FlashPortraitPipeline(DiffusionPipeline):
         return torch.as_tensor(extracted.features, dtype=torch.float32), float(extracted.fps)
 
     def prepare_latents(
-        self, shape: tuple[int, ...], generator: torch.Generator | None, released_noise: bool = False
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None,
+        released_noise: bool = False,
+        device: torch.device | None = None,
     ) -> torch.Tensor:
-        """One noise tensor ``shape`` for the whole video, returned as float32 on the execution device.
+        """One noise tensor ``shape`` for the whole video, returned as float32 on ``device`` (default: the
+        execution device; the CPU for the full-length latents of very long videos).
 
         Default: drawn in float32 on the generator's device (a CPU generator gives the same noise, so the same
         video, on every device). ``released_noise``: drawn as the released script does, on the execution
@@ -249,10 +263,10 @@ class FlashPortraitPipeline(DiffusionPipeline):
         """
         if released_noise:
             noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.transformer.dtype)
-            return noise.float()
+            return noise.to(device=device or self._execution_device, dtype=torch.float32)
         noise = randn_tensor(shape, generator=generator, device=torch.device("cpu") if generator is None
                              else generator.device, dtype=torch.float32)
-        return noise.to(self._execution_device)
+        return noise.to(device or self._execution_device)
 
     # -- checks --------------------------------------------------------------------------------------------
 
@@ -370,11 +384,15 @@ class FlashPortraitPipeline(DiffusionPipeline):
         decode_chunk_size: int = 4,
         attention_kwargs: dict | None = None,
         expression_kwargs: dict | None = None,
-        batch_guidance: bool = True,
+        batch_guidance: bool | None = None,
+        latents_on_cpu: bool | None = None,
         blend_first_step: bool = False,
         released_noise: bool = False,
+        parallel=None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        alp=None,
+        sigmas=None,
     ) -> FlashPortraitPipelineOutput:
         """Animate ``image`` with the driving expressions.
 
@@ -405,16 +423,29 @@ class FlashPortraitPipeline(DiffusionPipeline):
             expression_kwargs: extra keyword arguments of
                 :func:`flashportrait.expression.extract_expression_features` for ``driving_video``.
             batch_guidance: run the guidance branches of a window as one batch (fast) or one after another
-                (same result, less activation memory).
+                (same result, one branch's activation memory); ``None``: the memory plan chooses, batched when it
+                fits in the free memory (:func:`~flashportrait.memory.plan_pipeline_memory`, logged before sampling).
+            latents_on_cpu: keep the full-length latents, velocity and scheduler state in CPU memory, only the
+                current window on the device (very long videos; same result); ``None``: the memory plan chooses
+                (CPU when the state exceeds :data:`~flashportrait.memory.LATENTS_ON_GPU_MAX_BYTES` or would not fit).
             blend_first_step: blend the window overlaps at the first sampling step too; default: the released
                 loop's rule (the later window overwrites the overlap at the first step, blending from the
                 second step on).
             released_noise: draw the noise as the released script does (see :meth:`prepare_latents`).
+            parallel: a :class:`~flashportrait.parallel.ParallelGrid` from :func:`~flashportrait.parallel.init_parallel`
+                (under ``torchrun``): the windows, or with fewer windows than window groups their guidance branches,
+                are shared out over the ranks (:class:`~flashportrait.parallel.WindowParallelVelocity`); rank 0
+                extracts the expressions and draws the noise for all, and alone decodes and writes (the other ranks
+                return ``frames=None, path=None``). ``None``: one process.
             callback_on_step_end: diffusers' step-end callback ``f(pipe, step, timestep, callback_kwargs) ->
                 dict`` (or a ``PipelineCallback``), called after every sampling step; a ``"latents"`` entry
                 in the returned dict replaces the latents. Raise from it to stop sampling.
             callback_on_step_end_tensor_inputs: which of ``"latents"`` (after the step) and ``"velocity"``
                 (the blended, guided velocity of the step) go into ``callback_kwargs``.
+            alp: Adaptive Latent Prediction (:class:`~flashportrait.alp.ALPConfig`): evaluate the transformer at
+                some steps only and forecast the others (``fast_infer.py``); ``None``: every step.
+            sigmas: a custom schedule of ``num_inference_steps`` sigmas for the scheduler (e.g. the distilled
+                4-step :data:`flashportrait.lora.DISTILL_SIGMAS`); ``None``: the scheduler's own.
 
         Returns:
             :class:`FlashPortraitPipelineOutput` with ``N_used - 1`` frames.
@@ -434,7 +465,10 @@ class FlashPortraitPipeline(DiffusionPipeline):
         plan = plan_guidance(text_cfg_scale, emo_cfg_scale)
 
         # 1. driving expressions -> features [N_used, 554], windows over the latent frames
-        features, fps = self.prepare_expression_features(driving_video, expression_features, fps, expression_kwargs)
+        features, fps = run_on_main_rank(  # rank 0 extracts, the others receive (parallel runs)
+            lambda: self.prepare_expression_features(driving_video, expression_features, fps, expression_kwargs),
+            parallel,
+        )
         if driving_video is not None and audio_source is None:
             audio_source = driving_video
         if features.shape[0] < VAE_TEMPORAL_FACTOR + 1:
@@ -450,12 +484,22 @@ class FlashPortraitPipeline(DiffusionPipeline):
 
         # 3. conditioning: text, CLIP image, reference latents + mask, per-window expression tokens
         compute_dtype = self.transformer.dtype  # the compute dtype also under fp8 layerwise casting
-        prompt_embeds = self.encode_prompt(prompt)
-        negative_embeds = None
-        if plan.needs_negative_prompt:
-            negative_embeds = self.encode_prompt(negative_prompt if negative_prompt is not None else "")
-        image_embeds = self.encode_image(image)
+        with onloaded(self.text_encoder, device):  # umT5 / CLIP leave the accelerator once used (every memory mode)
+            prompt_embeds = self.encode_prompt(prompt)
+            negative_embeds = None
+            if plan.needs_negative_prompt:
+                negative_embeds = self.encode_prompt(negative_prompt if negative_prompt is not None else "")
+        with onloaded(self.image_encoder, device):
+            image_embeds = self.encode_image(image)
         condition = self.encode_condition(pixels, len(windows[0]))
+
+        # memory plan: expected peak, batched or sequential guidance, where the full-length latents live
+        memory_plan = plan_pipeline_memory(
+            self, height=height, width=width, window_latent_frames=max(len(w) for w in windows),
+            num_latent_frames=num_latent_frames, num_branches=plan.num_branches, batch_guidance=batch_guidance,
+            latents_on_cpu=latents_on_cpu,
+        )
+        (logger.info if memory_plan.fits else logger.warning)(memory_plan.describe())
         encoder_device = self._module_device(self.portrait_encoder)
 
         def encode_tokens(part: torch.Tensor) -> torch.Tensor:  # [1, n, 554] -> [1, n * 24, 2048]
@@ -474,22 +518,33 @@ class FlashPortraitPipeline(DiffusionPipeline):
             ),
             dtype=compute_dtype,
             attention_kwargs=attention_kwargs,
-            batch_branches=batch_guidance,
+            batch_branches=memory_plan.batch_guidance,
         )
 
         # 4. one noise tensor for the whole video
         latent_shape = (1, self.vae.config.z_dim, num_latent_frames, height // VAE_SPATIAL_FACTOR,
                         width // VAE_SPATIAL_FACTOR)
-        latents = self.prepare_latents(latent_shape, generator, released_noise)
+        latents_device = torch.device("cpu") if memory_plan.latents_on_cpu else device
+        latents = broadcast_from_main_rank(
+            self.prepare_latents(latent_shape, generator, released_noise, device=latents_device), parallel
+        )
 
         # 5. denoising loop: every window, blend, one scheduler step on the full latent
+        velocity_fn = None
+        if parallel is not None:  # this rank's windows (or guidance branches), the others' broadcast, same blend
+            velocity_fn = WindowParallelVelocity(parallel, plan.num_branches, denoiser.branch_outputs, denoiser.combine,
+                                                 plan.branches)
         latents = self._denoise(denoiser, latents, windows, num_inference_steps, generator, blend_first_step,
-                                callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                callback_on_step_end, callback_on_step_end_tensor_inputs, velocity_fn=velocity_fn,
+                                alp=alp, sigmas=sigmas)
 
         num_out = num_video_frames - 1
         if output_type == "latent":
             self.maybe_free_model_hooks()
             return FlashPortraitPipelineOutput(frames=None, latents=latents, path=None, fps=fps, num_frames=num_out)
+        if parallel is not None and not parallel.is_main:  # rank 0 alone decodes and writes
+            self.maybe_free_model_hooks()
+            return FlashPortraitPipelineOutput(frames=None, latents=None, path=None, fps=fps, num_frames=num_out)
 
         # 6. streamed decoding (the first decoded frame is the reference slot: dropped)
         frames = self._decode(latents, decode_chunk_size, output_path, fps, audio_source, num_out, keep=output_type == "np")
@@ -503,7 +558,7 @@ class FlashPortraitPipeline(DiffusionPipeline):
         )
 
     def _denoise(self, denoiser, latents, windows, num_inference_steps, generator, blend_first_step,
-                 callback_on_step_end, tensor_inputs) -> torch.Tensor:
+                 callback_on_step_end, tensor_inputs, velocity_fn=None, alp=None, sigmas=None) -> torch.Tensor:
         """:func:`~flashportrait.sampling.sample_windows` with the pipeline's progress bar (one tick per step,
         the current window in its postfix) and diffusers' ``callback_on_step_end``."""
         position = {w.start: k + 1 for k, w in enumerate(windows)}
@@ -523,7 +578,8 @@ class FlashPortraitPipeline(DiffusionPipeline):
                 return {"latents": outputs["latents"]} if "latents" in outputs else None
 
             return sample_windows(model, latents, self.scheduler, num_inference_steps, windows, callback=on_step,
-                                  disable=True, generator=generator, blend_first_step=blend_first_step)
+                                  disable=True, generator=generator, blend_first_step=blend_first_step,
+                                  velocity_fn=velocity_fn, alp=alp, sigmas=sigmas)
 
     def _decode(self, latents, chunk_size, output_path, fps, audio_source, num_out, keep) -> np.ndarray | None:
         """Decode in chunks and stream the frames (without the reference slot) to ``output_path`` and/or keep

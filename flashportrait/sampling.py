@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .alp import ALPConfig, ALPRun
 from .config import DEFAULT_SHIFT, NUM_TRAIN_TIMESTEPS
 from .windows import WindowBlender, check_windows
 
@@ -115,6 +116,8 @@ def sample_windows(
     generator: torch.Generator | None = None,
     blend_first_step: bool = False,
     velocity_fn: Callable[..., torch.Tensor] | None = None,
+    alp: ALPConfig | None = None,
+    sigmas: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Sliding-window sampling with one scheduler over the full latent (SPEC.md section 4).
 
@@ -141,24 +144,55 @@ def sample_windows(
         velocity_fn: ``velocity_fn(model, latents, timestep, windows, disable=..., blend=...) -> velocity``,
             how one step's blended velocity is computed (default :func:`blended_velocity`; e.g. a
             window-parallel version that evaluates this rank's windows and gathers the others).
+        alp: Adaptive Latent Prediction (:class:`~flashportrait.alp.ALPConfig`): evaluate only some steps and
+            forecast the velocity at the others (``None``: evaluate every step). At the latent granularity a
+            skipped step calls neither ``velocity_fn`` nor ``model``; at the window / branch granularity
+            ``velocity_fn`` gets a forecasting wrapper of ``model``. The callback dict then also holds
+            ``"evaluated"`` (whether the step called the model).
+        sigmas: a custom schedule of ``num_inference_steps`` sigmas, passed to ``scheduler.set_timesteps(
+            sigmas=...)`` (``FlowMatchEulerDiscreteScheduler`` applies its shift to them; e.g. the distilled
+            4-step schedule :data:`flashportrait.lora.DISTILL_SIGMAS`).
 
     Returns:
         ``[B, 16, F, h, w]`` float32 denoised latents.
+
+    Raises:
+        ValueError: ``num_inference_steps < 1``, bad windows, ``sigmas`` of another length or for a scheduler
+        that takes none.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     check_windows(windows, latents.shape[2])
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    if sigmas is None:
+        scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    else:
+        if len(sigmas) != num_inference_steps:
+            raise ValueError(f"sigmas has {len(sigmas)} values for num_inference_steps={num_inference_steps}")
+        if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(f"{type(scheduler).__name__} takes no custom sigmas; use the euler sampler")
+        scheduler.set_timesteps(sigmas=[float(v) for v in sigmas], device=latents.device)
     latents = latents.float()
     sigmas = scheduler.sigmas
     accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
     step_kwargs = {"generator": generator} if generator is not None and accepts_generator else {}
     velocity_fn = velocity_fn or blended_velocity
+    run = None if alp is None else ALPRun(alp, sigmas, scheduler.timesteps)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="steps", disable=disable)):
-        velocity = velocity_fn(model, latents, t, windows, disable=disable, blend=i > 0 or blend_first_step)
+        blend = i > 0 or blend_first_step
+        evaluated = run is None or run.evaluates(i)
+        if run is None:
+            velocity = velocity_fn(model, latents, t, windows, disable=disable, blend=blend)
+        elif evaluated:
+            velocity = velocity_fn(run.wrap(model, i), latents, t, windows, disable=disable, blend=blend)
+            latents, velocity = run.observe(i, latents, velocity, scheduler)
+        else:
+            velocity = run.forecast(i, latents)
         latents = scheduler.step(velocity, t, latents, return_dict=False, **step_kwargs)[0].float()
         if callback is not None:
-            update = callback({"step": i, "timestep": t, "sigma": sigmas[i], "latents": latents, "velocity": velocity})
+            info = {"step": i, "timestep": t, "sigma": sigmas[i], "latents": latents, "velocity": velocity}
+            if run is not None:
+                info["evaluated"] = evaluated
+            update = callback(info)
             if update and "latents" in update:
                 latents = update["latents"].float()
     return latents

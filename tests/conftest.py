@@ -70,6 +70,18 @@ def blend_all(values, windows, num_latent_frames: int, dim: int = 2):
 INFER_SEED = 42
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: the tiny models are latency-bound, so one thread is as fast, and much
+    faster on a busy machine. Use as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def real_clip_features():
     """``get(relative path under ../shared/examples) -> ExpressionFeatures``: each real clip's features,

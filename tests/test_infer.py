@@ -1,7 +1,8 @@
 """infer.py end to end with --tiny: the acceptance cases of the main job.
 
-The real-clip cases run the command as a user would (``python infer.py --tiny --reference_image ...
---driving_video ... --output out.mp4``) and check the written file: frame count = driving frames used
+The synthetic case runs the command as a user would (``python infer.py --tiny --reference_image ...
+--driving_video ... --output out.mp4``); the others call ``main(parse_args(argv))`` in this process (the same
+code after parsing, without re-importing torch and diffusers). Each checks the written file: frame count = driving frames used
 (the largest 4k+1) minus the reference slot, the driving clip's frame rate, and an AAC track cut to the
 output's length when the driving clip has audio. The clips' expression features are extracted once per
 session (``real_clip_features`` in conftest) and loaded from the session cache by the runs; the long clip
@@ -30,6 +31,14 @@ def run_infer(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return result
 
 
+def infer_in_process(*args: str):
+    """``infer.py --tiny ARGS`` as ``main(parse_args(...))`` in this process: the same code path after argument
+    parsing, without the ~15 s of importing torch and diffusers again that a subprocess costs."""
+    import infer
+
+    return infer.main(infer.parse_args(["--tiny", *args]))
+
+
 def audio_streams(path) -> list[tuple[str, float]]:
     with av.open(str(path)) as container:
         return [(s.codec_context.name, float(s.duration * s.time_base)) for s in container.streams.audio]
@@ -52,13 +61,9 @@ def test_infer_on_real_driving_clips(examples_dir, real_clip_features, tmp_path,
     out = tmp_path / "out.mp4"
     args = ["--reference_image", str(examples_dir / "case-1" / "reference.png"), "--driving_video", str(driving),
             "--output", str(out)]
-    if frames > 500:  # the long clip: in-process, 32 px output, 21-frame windows (14 windows per step)
-        import infer
-
-        infer.main(infer.parse_args(["--tiny", *args, "--max_size", "32", "--context_size", "21",
-                                     "--context_overlap", "4"]))
-    else:
-        run_infer(*args)
+    if frames > 500:  # the long clip: 32 px output, 21-frame windows (14 windows per step)
+        args += ["--max_size", "32", "--context_size", "21", "--context_overlap", "4"]
+    infer_in_process(*args)
     info = probe_video(out)
     num_out = expected_output_frames(frames)
     assert info.num_frames == num_out
@@ -73,7 +78,8 @@ def test_infer_on_real_driving_clips(examples_dir, real_clip_features, tmp_path,
 
 
 def test_infer_synthetic_clip_with_audio_and_fps_override(tmp_path):
-    """Always runs: the demo portrait and a driving clip made from it, with a tone as its audio."""
+    """Always runs: the demo portrait and a driving clip made from it, with a tone as its audio; the first run is
+    the command a user types (a subprocess), the second the same code in this process."""
     from PIL import Image
 
     from flashportrait.demo import demo_driving_frames, demo_reference_image
@@ -94,8 +100,8 @@ def test_infer_synthetic_clip_with_audio_and_fps_override(tmp_path):
 
     # --fps resamples the driving clip by time: 23 frames at 25 fps = 0.92 s -> 11 frames at 12 fps
     out12 = tmp_path / "out12.mp4"
-    run_infer("--reference_image", str(reference), "--driving_video", str(driving), "--output", str(out12),
-              "--fps", "12")
+    infer_in_process("--reference_image", str(reference), "--driving_video", str(driving), "--output", str(out12),
+                     "--fps", "12")
     info12 = probe_video(out12)
     assert info12.fps == pytest.approx(12) and info12.num_frames == expected_output_frames(11)
 

@@ -61,3 +61,21 @@ def test_long_modules_say_why(path):
     if lines > MAX_LINES:
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         assert "Length" in doc, f"{path.relative_to(REPO_ROOT)} has {lines} lines and no reason at its top"
+
+
+def _readme_layout() -> str:
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index("## Layout")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in _modules(PACKAGE) if p.name != "__init__.py" and not p.name.startswith("_")]
+    + sorted(REPO_ROOT.glob("*.py")),
+    ids=lambda p: str(p.relative_to(REPO_ROOT)),
+)
+def test_readme_layout_names_every_file(path):
+    """README "Layout" has a line for every module and script (several may share a line: ``a.py, b.py``)."""
+    layout = _readme_layout()
+    assert path.name in layout, f"README.md's Layout does not mention {path.relative_to(REPO_ROOT)}"

@@ -14,6 +14,12 @@ normed cross-attention query:
 3. ``e' = (e - mean(e)) * std(x) / (std(e) + 1e-5) + mean(x)``, statistics per sample over all tokens
    and channels, std unbiased;
 4. ``out = to_out(x + scale * e')`` with a per-sample ``scale`` (1: conditional, 0: "no expression").
+
+Sequence (context) parallelism: whole latent frames per rank (:class:`LatentFrameTokens`, ``_cp_plan``), NFEB
+statistics summed over ranks (:func:`context_parallel_sum`), tokens gathered back (:func:`gather_latent_frames`).
+
+Length: the model, its block, attention, processor and the NFEB statistics they share, with the context-parallel
+pieces that change how the NFEB sees the sequence, are one unit; split, each part would import the others.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
-from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import (
@@ -48,6 +54,7 @@ __all__ = [
     "renormalize_to_reference",
     "expand_expression_scale",
     "context_parallel_sum",
+    "gather_latent_frames",
     "LatentFrameTokens",
 ]
 
@@ -83,7 +90,11 @@ def _mean_std(t: torch.Tensor, chunk: int, reduce: Reduce | None) -> tuple[torch
     squares = _chunked_sum(t, lambda c: (c - m32).square(), chunk)
     if reduce is not None:
         squares = reduce(squares)
-    std = (squares / (count - 1)).sqrt()
+    variance = squares / (count - 1)
+    # sqrt with a finite gradient where the variance is 0 (a constant tensor, e.g. the NFEB output for the all-zero
+    # expression tokens of training's condition dropout): the same values, but gradient 0 there instead of NaN
+    positive = variance > 0
+    std = torch.where(positive, variance, torch.ones_like(variance)).sqrt() * positive
     return mean.view(-1, 1, 1), std.view(-1, 1, 1)
 
 
@@ -148,6 +159,34 @@ def context_parallel_sum(parallel_config) -> Reduce | None:
         return total
 
     return reduce
+
+
+def gather_latent_frames(tokens: torch.Tensor, num_frames: int, cp_config) -> torch.Tensor:
+    """All-gather the per-rank token shards of a sequence split into whole latent frames, in frame order.
+
+    Rank ``i`` of the context-parallel group holds frames ``tensor_split(range(num_frames), n)[i]`` (the split of
+    :class:`LatentFrameTokens`); every rank can compute every shard's size, so no sizes are exchanged. Shards are
+    padded to the largest one for one equal-size ``all_gather`` (diffusers' own gather of unequal shards is an
+    ``all_gather`` of unequal tensors, which NCCL accepts and gloo does not).
+
+    Args:
+        tokens: ``[B, f_i * tokens_per_frame, C]`` this rank's tokens.
+        num_frames: latent frames of the whole sequence.
+        cp_config: the model's ``ContextParallelConfig`` (after ``enable_parallelism``).
+
+    Returns:
+        ``[B, num_frames * tokens_per_frame, C]``, identical on every rank of the group.
+    """
+    mesh = cp_config._flattened_mesh
+    group, n = mesh.get_group(), mesh.size()
+    frames = [len(part) for part in torch.arange(num_frames).tensor_split(n)]
+    rank = dist.get_rank(group)
+    per_frame = tokens.shape[1] // frames[rank]
+    padded = tokens.new_zeros(tokens.shape[0], max(frames) * per_frame, tokens.shape[2])
+    padded[:, : tokens.shape[1]] = tokens
+    shards = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(shards, padded, group=group)
+    return torch.cat([shard[:, : f * per_frame] for shard, f in zip(shards, frames)], dim=1)
 
 
 def expand_expression_scale(
@@ -372,9 +411,11 @@ class FlashPortraitTransformer3DModel(WanTransformer3DModel):
     _no_split_modules = ["FlashPortraitTransformerBlock"]
     _repeated_blocks = ["FlashPortraitTransformerBlock"]
     # Context parallelism (diffusers' ``enable_parallelism``): whole latent frames per rank. The frame-major inputs of
-    # ``frame_tokens`` are split along the frame axis, self-attention runs Ulysses / ring attention through the
-    # attention dispatcher, cross-attention and the per-frame expression attention stay local, the NFEB statistics
-    # are all-reduced, and ``proj_out``'s tokens are gathered back in frame order.
+    # ``frame_tokens`` are split along the frame axis (``tensor_split``: needs the config's ``ulysses_anything`` /
+    # ``ring_anything`` when the frames do not divide evenly), self-attention runs Ulysses / ring attention through
+    # the attention dispatcher, cross-attention and the per-frame expression attention stay local, the NFEB
+    # statistics are all-reduced, and ``proj_out``'s tokens are gathered back in frame order by
+    # :func:`gather_latent_frames` in ``forward``.
     _cp_plan = {
         "frame_tokens": {
             "hidden_states": ContextParallelInput(split_dim=2, expected_dims=5),
@@ -382,7 +423,6 @@ class FlashPortraitTransformer3DModel(WanTransformer3DModel):
             "freqs_sin": ContextParallelInput(split_dim=1, expected_dims=5),
             "expression_tokens": ContextParallelInput(split_dim=1, expected_dims=4),
         },
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
 
     @register_to_config
@@ -534,6 +574,9 @@ class FlashPortraitTransformer3DModel(WanTransformer3DModel):
         shift, scale_out = shift.to(hidden_states.device), scale_out.to(hidden_states.device)
         hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale_out) + shift).type_as(hidden_states)
         hidden_states = self.proj_out(hidden_states)
+        cp_config = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp_config is not None:
+            hidden_states = gather_latent_frames(hidden_states, post_f, cp_config)
 
         hidden_states = hidden_states.reshape(batch_size, post_f, post_h, post_w, p_t, p_h, p_w, -1)
         output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
