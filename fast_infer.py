@@ -21,7 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
-from flashportrait.args import add_alp_args, make_parser, output_file, resolve_alp, resolve_settings
+import infer
+from flashportrait.args import add_alp_args, make_parser, resolve_alp, resolve_settings
 
 
 def resolve_distill(args, settings):
@@ -85,48 +86,16 @@ def main(args):
     sigmas, lora_path = None, None
     if args.step_distill_lora is not None:
         settings, lora_path, sigmas = resolve_distill(args, settings)
-    from flashportrait.parallel import destroy_parallel, enable_sequence_parallel, init_parallel, run_on_main_rank
+    grid, settings, reference, driving, path = infer.start(args, settings)  # inputs checked before any model
 
-    grid = init_parallel(args.ulysses_degree, args.ring_degree, backend=args.dist_backend, device=settings.device)
-    if grid is not None:
-        settings = dataclasses.replace(settings, device=grid.device)
-
-    # inputs, checked before any model is loaded
-    reference, driving = args.reference_image, args.driving_video
-    if args.tiny and (reference is None or driving is None):
-        from flashportrait.demo import write_demo_inputs
-
-        demo_reference, demo_driving = run_on_main_rank(lambda: write_demo_inputs(settings.cache_dir / "demo"), grid)
-        reference, driving = reference or demo_reference, driving or demo_driving
-    if reference is None or driving is None:
-        raise ValueError(
-            "give --validation_image_start (--reference_image) and --validation_driven_video_path "
-            "(--driving_video), or --tiny for the demo inputs"
-        )
-    path = output_file(args)
-    from flashportrait.preflight import check_run_inputs
-    from flashportrait.tiny import TINY_VAE_CONFIG
-
-    check_run_inputs(reference, driving, path, max_size=settings.max_size, context_size=settings.context_size,
-                     vae_base_dim=TINY_VAE_CONFIG["base_dim"] if args.tiny else 96, device=settings.device)
-
-    # models (+ the LoRA, merged for the run and checked against the transformer before anything runs)
-    from flashportrait.factory import pipeline_from_checkpoints, tiny_pipeline
+    # models (+ the LoRA, checked against the transformer before anything runs, merged for the run only)
     from flashportrait.guidance import plan_guidance
     from flashportrait.lora import load_lora, merged_lora
-    from flashportrait.memory import configure_memory
+    from flashportrait.parallel import destroy_parallel
 
-    if args.tiny:
-        pipe = tiny_pipeline(args.seed, sampler=args.sampler, shift=args.shift, dtype=settings.dtype)
-    else:
-        pipe = pipeline_from_checkpoints(args.wan_model_name, args.transformer_path, args.portrait_encoder_path,
-                                         args.pd_fpg_model_path, sampler=args.sampler, shift=args.shift,
-                                         dtype=settings.dtype)
+    pipe = infer.load_pipeline(args, settings)
     lora = load_lora(lora_path, pipe.transformer) if lora_path is not None else None
-    configure_memory(pipe, args.GPU_memory_mode, settings.device, compute_dtype=settings.dtype)
-    enable_sequence_parallel(pipe.transformer, grid)
-    if grid is not None and not grid.is_main:
-        pipe.set_progress_bar_config(disable=True)
+    infer.place_pipeline(pipe, args, settings, grid)
 
     # sample, decode, write (rank 0 alone writes)
     counter = EvaluationCounter(pipe.transformer, plan_guidance(args.text_cfg_scale, args.emo_cfg_scale).num_branches)

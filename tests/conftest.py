@@ -17,12 +17,17 @@ GOLDEN_DIR = SHARED_DIR / "reference" / "golden"
 MANIFEST_DIR = SHARED_DIR / "reference" / "checkpoint_manifests"
 EXAMPLES_DIR = SHARED_DIR / "examples"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+#: One thread for every test and every process the tests start (OMP_NUM_THREADS, set in pytest_configure): the
+#: test models are tiny and latency-bound, so one thread is as fast on an idle machine, and on a busy one two
+#: threads spin against the other work: the d11 ``infer.py --tiny`` run took 114 s with 2 threads and 13.5 s
+#: with 1 at the same load (about 2.5 on 2 cores).
+torch.set_num_threads(1)
 
 
 def pytest_configure(config):
     """Caches of the whole session (expression features, demo inputs) go to a temporary folder, for this
     process and the ``infer.py`` runs it starts: tests never write into ../shared or the user's cache."""
+    os.environ["OMP_NUM_THREADS"] = "1"
     folder = tempfile.mkdtemp(prefix="flashportrait-test-cache-")
     config._flashportrait_cache = folder
     os.environ["FLASHPORTRAIT_CACHE_DIR"] = folder
@@ -32,6 +37,24 @@ def pytest_unconfigure(config):
     folder = getattr(config, "_flashportrait_cache", None)
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder below ``folder``: relative path -> (size, modification time in ns)."""
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_folder_untouched():
+    """Fails the session (an error at teardown) if any test created, changed or removed anything in ../shared;
+    the CI machine may run as root, where read-only permissions would not catch it."""
+    before = _listing(SHARED_DIR)
+    yield
+    after = _listing(SHARED_DIR)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"tests wrote into {SHARED_DIR}: {changed[:10]}"
 
 
 def _require(path: Path) -> Path:
@@ -68,18 +91,6 @@ def blend_all(values, windows, num_latent_frames: int, dim: int = 2):
 #: seed of ``infer.py --tiny`` (its ``--seed`` default): the tiny PD-FGC built with it gives the same
 #: expression-cache key as the infer runs, so features extracted once here are loaded by them
 INFER_SEED = 42
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for the test: the tiny models are latency-bound, so one thread is as fast, and much
-    faster on a busy machine. Use as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

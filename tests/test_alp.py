@@ -209,12 +209,82 @@ def test_exact_forecasts_reproduce_the_full_run(granularity, sampler):
     scheduler, windows, noise = _setup(sampler)
     full = sample_windows(PolyDataModel(scheduler), noise, scheduler, 30, windows, disable=True)
     model = PolyDataModel(scheduler)
-    config = ALPConfig(granularity=granularity, order=2, budget=7, warmup=3, evaluate_last=True)
+    config = ALPConfig(granularity=granularity, order=2, target="data", budget=7, warmup=3,
+                       evaluate_last=True)
     ours = sample_windows(model, noise, scheduler, 30, windows, disable=True, alp=config)
     torch.testing.assert_close(ours, full, rtol=1e-3, atol=1e-3)
     calls = model.calls if granularity != "branch" else [(s, w) for s, w, _ in model.branch_calls]
     assert len(calls) == 7 * len(windows)
     assert {s for s, _ in calls if s == 29} == {29}  # the last step is evaluated
+
+
+class PolyVelocityModel(PolyDataModel):
+    """Velocity (of every branch) a fixed polynomial in the step index, whatever the latents: forecasts of the
+    velocity target of order >= its degree are exact."""
+
+    def branch_outputs(self, x, t, window, branches=None):
+        step = self.step[round(float(t), 3)]
+        idx = list(range(len(self.weights))) if branches is None else list(branches)
+        self.branch_calls.append((step, window.start, tuple(idx)))
+        return torch.cat([self.data(step, window, b).expand_as(x) for b in idx])
+
+
+@pytest.mark.parametrize("granularity", ["latent", "window", "branch"])
+def test_velocity_target_is_exact_on_polynomial_velocities(granularity):
+    scheduler, windows, noise = _setup()
+    assert ALPConfig().forecast_target == "data" and ALPConfig(mode="paper").forecast_target == "velocity"
+    full = sample_windows(PolyVelocityModel(scheduler), noise, scheduler, 30, windows, disable=True)
+    model = PolyVelocityModel(scheduler)
+    ours = sample_windows(model, noise, scheduler, 30, windows, disable=True,
+                          alp=ALPConfig(granularity=granularity, order=2, target="velocity", budget=7, warmup=4))
+    torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-4)
+    assert len(model.calls or model.branch_calls) == 7 * len(windows)
+    # order 1 cannot follow a quadratic velocity: the same run is then measurably off
+    off = sample_windows(PolyVelocityModel(scheduler), noise, scheduler, 30, windows, disable=True,
+                         alp=ALPConfig(granularity=granularity, order=1, target="velocity", budget=7, warmup=4))
+    assert not torch.allclose(off, full, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_target_follows_the_velocity_where_it_forecasts_exactly():
+    """target="auto" uses the velocity target while its forecasts hold: exact on a polynomial velocity, where the
+    data target is measurably off."""
+    scheduler, windows, noise = _setup()
+    full = sample_windows(PolyVelocityModel(scheduler), noise, scheduler, 30, windows, disable=True)
+
+    def run(target):
+        model = PolyVelocityModel(scheduler)
+        config = ALPConfig(order=2, target=target, budget=7, warmup=4, evaluate_last=True)
+        out = sample_windows(model, noise, scheduler, 30, windows, disable=True, alp=config)
+        assert len(model.calls) == 7 * len(windows)
+        return out
+
+    torch.testing.assert_close(run("auto"), full, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(run("data"), full, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_target_switches_to_data_when_the_forecast_breaks_down():
+    from flashportrait.alp import ALPRun
+
+    scheduler = make_scheduler("euler")
+    scheduler.set_timesteps(30)
+    x = torch.ones(1, 2, 3, 3, 3)
+
+    def run(velocities, limit=0.3):
+        alp = ALPRun(ALPConfig(target="auto", order=1, budget=6, auto_limit=limit), scheduler.sigmas,
+                     scheduler.timesteps)
+        assert alp.target == "velocity" and set(alp.forecasters) == {"data", "velocity"}
+        for step, v in enumerate(velocities):
+            alp.observe(step, x, torch.full_like(x, v), scheduler)
+        return alp
+
+    smooth = run([1.0, 2.0, 3.0])  # linear in the step: order 1 of the velocity target is exact
+    step, target, best = smooth.target_log[-1]
+    assert (step, target, best["velocity"]) == (2, "velocity", 0.0) and best["data"] > 0
+    assert smooth.forecaster is smooth.forecasters["velocity"]
+    jump = run([1.0, 2.0, 30.0])  # both targets' forecasts off by ~90%: the data target takes over
+    assert jump.target_log[-1][1] == "data" and jump.forecaster is jump.forecasters["data"]
+    assert jump.target_log[-1][2]["velocity"] > 0.3
+    assert run([1.0, 2.0, 30.0], limit=2.0).target_log[-1][1] == "velocity"  # within a generous limit
 
 
 def test_paper_mode_runs_at_every_granularity_and_counts():
@@ -284,7 +354,7 @@ def test_per_window_and_per_branch_states_never_mix(monkeypatch):
         model = PerWindowPolyModel(scheduler, seed=3)
         runs.clear()
         ours = sample_windows(model, noise, scheduler, 30, windows, disable=True,
-                              alp=ALPConfig(granularity=granularity, order=2, budget=6, warmup=3,
+                              alp=ALPConfig(granularity=granularity, order=2, target="data", budget=6, warmup=3,
                                             evaluate_last=True))
         torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-3)
         run = runs[-1]
@@ -312,7 +382,8 @@ def test_guidance_refresh_evaluates_the_other_branches_less_often():
     model = PolyDataModel(scheduler)
     full = sample_windows(PolyDataModel(scheduler), noise, scheduler, 30, windows, disable=True)
     ours = sample_windows(model, noise, scheduler, 30, windows, disable=True,
-                          alp=ALPConfig(granularity="branch", order=2, guidance_refresh=2, budget=8, warmup=3))
+                          alp=ALPConfig(granularity="branch", order=2, target="data", guidance_refresh=2, budget=8,
+                                        warmup=3))
     per_window = [c for c in model.branch_calls if c[1] == 0]
     assert len(per_window) == 8
     assert [len(b) for _, _, b in per_window] == [2, 1, 2, 1, 2, 1, 2, 1]
@@ -374,6 +445,9 @@ def test_custom_sigmas_give_the_distilled_schedule():
         (dict(alpha=-1.0), "alpha"),
         (dict(guidance_refresh=2), "granularity 'branch'"),
         (dict(target="noise"), "target"),
+        (dict(target="auto", granularity="window"), "auto"),
+        (dict(target="auto", mode="paper"), "auto"),
+        (dict(auto_limit=-1.0), "auto_limit"),
     ],
 )
 def test_config_errors(kwargs, message):

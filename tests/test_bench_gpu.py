@@ -8,12 +8,9 @@ import json
 import math
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load():

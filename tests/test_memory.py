@@ -32,7 +32,6 @@ from flashportrait.memory import (
 GIB = 2**30
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 #: parameters of the released FlashPortrait transformer (Wan2.1-I2V-14B + the NFEB projections), counted on the
 #: meta device from WAN_I2V_14B_CONFIG; one block has 424_809_984
 PARAMS_14B = 17_233_739_584
