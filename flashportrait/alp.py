@@ -9,14 +9,18 @@ Forecasters (:class:`ALPConfig` ``mode``):
 
 * ``"newton"`` (ours, default): exact polynomial extrapolation of order ``n`` through the last ``n + 1``
   evaluated steps (Newton / Lagrange interpolation, :func:`newton_weights`), in the sampling-step index. Exact on
-  polynomial trajectories of degree ``<= n`` with any spacing. What is extrapolated (``target``): by default the
-  **data prediction** ``x0 = x - sigma * v`` (flow matching, SPEC.md section 2), turned back into a velocity with
-  the *current* latents, ``v = (x - x0) / sigma``. Holding ``x0`` constant over skipped Euler steps is exactly one
-  Euler step over the whole interval (DDIM's identity), so order 0 is plain step reduction on the evaluated
-  steps' sigmas and higher orders add to it. Extrapolating the velocity itself (``target="velocity"``) had the
-  lower median error on the mixture and video oracle problems, but was up to 1.7x *worse* than plain Euler at 8
-  evaluations on element-wise bimodal problems with sharp modes, where the data target stays below Euler
-  (``bench/bench_alp.py --set dev``): the data target is the default because it meets that floor everywhere.
+  polynomial trajectories of degree ``<= n`` with any spacing. What is extrapolated (``target``): the model output
+  (``"velocity"``) or the **data prediction** ``x0 = x - sigma * v`` (``"data"``; flow matching, SPEC.md section
+  2), turned back into a velocity with the *current* latents, ``v = (x - x0) / sigma``. Holding ``x0`` constant
+  over skipped Euler steps is exactly one Euler step over the whole interval (DDIM's identity), so with the data
+  target order 0 is plain step reduction on the evaluated steps' sigmas and higher orders add to it. On the dev
+  oracle problems the velocity target had the lower median error on mixtures and videos, but was up to 1.7x
+  *worse* than plain Euler at 8 evaluations on element-wise bimodal problems with sharp modes, where the data
+  target stays below Euler: there a mode is decided inside an interval, the forecasts of both targets are off by
+  30-150% at the next evaluation, and extrapolating the velocity overshoots where holding ``x0`` degrades to a
+  plain Euler step. The default, ``"auto"``, keeps both histories and uses the velocity target for the next
+  interval while the forecast error just observed (the better target's, best order, relative to the velocity)
+  is at most ``auto_limit`` (0.3), the data target otherwise (``bench/bench_alp.py --set dev``).
 * ``"paper"``: the printed ALP formula (SPEC.md section 5), the paper's ablation: Taylor series with
   backward-difference derivatives over evaluated steps, divided by the timestep factor ``s = (rate /
   mean rate) ** alpha`` and, when several quantities are forecast together (guidance branches), the layer
@@ -50,6 +54,11 @@ Granularity (what one forecast covers):
   most evaluations and the other branches' differences to it are forecast, refreshed every ``m``-th evaluation.
 
 Paper numbers and what is ours: SPEC.md section 5. Measurements: ``bench/bench_alp.py``.
+
+Length: this is one module (over 500 lines) because its parts are one algorithm with shared conventions (step
+index as time, the targets, errors relative to the output's norm): the planner reads the forecasters' errors,
+the run replays with the forecasters' polynomials, and ``sample_windows`` uses them only together; the
+docstrings are most of the length.
 """
 
 from __future__ import annotations
@@ -114,18 +123,21 @@ class ALPConfig:
             if the planner picks it: forcing it was worse on the dev oracle problems at 6 evaluations,
             ``bench/bench_alp.py --extended``, row "last step forced").
         correct: re-integrate skipped steps once the next evaluation is known (latent granularity, newton).
-        target: ``"data"`` (``x0 = x - sigma v``; default for ``newton``), ``"velocity"`` (the model output;
-            default for ``paper``, as printed) or ``"auto"`` (newton, latent granularity: both are kept, and each
-            interval uses the velocity target unless the forecast error observed at its first evaluation is
-            above ``auto_limit``, then the data target; see the module docstring).
+        target: ``"data"`` (``x0 = x - sigma v``), ``"velocity"`` (the model output; default for ``paper``, as
+            printed) or ``"auto"`` (default for ``newton`` at latent granularity, where it is the only one allowed;
+            ``"data"`` for ``newton`` per window / branch): both histories are kept, and each interval uses the
+            velocity target unless the forecast error observed at its first evaluation is above ``auto_limit``,
+            then the data target (see the module docstring).
         auto_limit: ``target="auto"``: the largest observed forecast error (relative to the velocity's norm, the
             best order of the better target) at which the next interval still uses the velocity target.
         granularity: ``"latent"``, ``"window"`` or ``"branch"`` (see the module docstring).
         guidance_refresh: ``branch`` granularity: evaluate the non-conditional branches at every
             ``guidance_refresh``-th evaluation of a window only.
         importance: exponent on the step weights in the planner (1: the weights as they are; 0: every step
-            alike, uniform intervals). Default 0.6, measured on the dev oracle problems: 0.75 and 1 put too few
-            evaluations early and lost to plain Euler on a guided problem at 8 evaluations, 0.4-0.5 gained less.
+            alike, uniform intervals). Default 0.8, measured with the ``auto`` target on the dev oracle problems
+            (0.6-0.75 and 0.85-0.9 gave fewer problems within a third of Euler's error; 1 put too few
+            evaluations early: 0.98x Euler on a guided problem at 6 evaluations). With the data target 0.6
+            was best (0.75 and 1 lost to plain Euler on a guided problem at 8 evaluations).
 
     Raises:
         ValueError: a value out of range, or more than one of ``interval`` / ``tolerance`` / ``budget``.
@@ -143,7 +155,7 @@ class ALPConfig:
     target: str | None = None
     granularity: str = "latent"
     guidance_refresh: int = 1
-    importance: float = 0.6
+    importance: float = 0.8
     auto_limit: float = 0.3
 
     def __post_init__(self):
@@ -176,9 +188,13 @@ class ALPConfig:
 
     @property
     def forecast_target(self) -> str:
-        """The quantity extrapolated: ``target``, else ``"data"`` for newton (measured, see the module docstring)
-        and ``"velocity"`` for paper (as printed)."""
-        return self.target or ("data" if self.mode == "newton" else "velocity")
+        """The quantity extrapolated: ``target``, else for newton ``"auto"`` (latent granularity) or ``"data"`` (per
+        window / branch; measured, see the module docstring), and ``"velocity"`` for paper (as printed)."""
+        if self.target is not None:
+            return self.target
+        if self.mode != "newton":
+            return "velocity"
+        return "auto" if self.granularity == "latent" else "data"
 
     def evaluations(self, num_steps: int) -> int | None:
         """The evaluation budget for a run of ``num_steps`` (``None`` on a fixed grid or with a tolerance)."""
