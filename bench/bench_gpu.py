@@ -4,7 +4,7 @@
     python bench/bench_gpu.py --tiny-config [--json tiny.json]  # the tiny family on the CPU (what the tests run)
 
 Builds the released architecture with random bf16 weights directly on the GPU (FlashPortrait transformer
-16.4 B parameters, umT5-XXL, CLIP ViT-H/14, the Wan2.1 VAE, the portrait encoder; nothing is read from disk) and
+17.2 B parameters, umT5-XXL, CLIP ViT-H/14, the Wan2.1 VAE, the portrait encoder; nothing is read from disk) and
 measures what a real run will do:
 
 1. **one window-step** (one guided velocity of one window: the 2 guidance branches of the released

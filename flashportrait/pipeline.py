@@ -564,10 +564,21 @@ class FlashPortraitPipeline(DiffusionPipeline):
         position = {w.start: k + 1 for k, w in enumerate(windows)}
         with self.progress_bar(total=num_inference_steps) as progress:
 
-            def model(x, timestep, window):
+            def note(window) -> None:
                 if len(windows) > 1:
                     progress.set_postfix_str(f"window {position[window.start]}/{len(windows)}", refresh=False)
+
+            def model(x, timestep, window):
+                note(window)
                 return denoiser(x, timestep, window)
+
+            if hasattr(denoiser, "branch_outputs"):  # per-branch ALP and guidance parallelism call the branches
+
+                def branch_outputs(x, timestep, window, **kwargs):
+                    note(window)
+                    return denoiser.branch_outputs(x, timestep, window, **kwargs)
+
+                model.branch_outputs, model.combine = branch_outputs, denoiser.combine
 
             def on_step(info: dict) -> dict | None:
                 progress.update()

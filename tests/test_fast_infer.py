@@ -72,6 +72,15 @@ def test_alp_lora_and_plain_runs_on_the_demo_inputs(tmp_path, capsys):
     assert probe_video(tmp_path / "lora.mp4").num_frames == 12
 
 
+@pytest.mark.parametrize("granularity", ["latent", "window", "branch"])
+def test_every_alp_granularity_runs_through_the_pipeline(tmp_path, capsys, granularity):
+    """The pipeline's model callable (progress bar around the WindowDenoiser) keeps ``branch_outputs`` /
+    ``combine``, which the per-branch forecasts need."""
+    out, made, full = _run(capsys, "--max_size", "32", "--max_frames", "13", "--num_inference_steps", "5",
+                           "--alp_budget", "2", "--alp_granularity", granularity, "--output", str(tmp_path / "o.mp4"))
+    assert (made, full) == (2, 5) and out.num_frames == 12
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
