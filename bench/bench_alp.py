@@ -83,23 +83,34 @@ def _posterior_velocity(x, s, means, tau2, log_weights):
 
 
 @dataclass
-class MixtureProblem:
-    """Low-rank mode structure over all frames (means differ along a few smooth directions whose norms set at
-    which noise level each choice is made), per-channel data scales 10**lo .. 1, conditional weights per window."""
+class OracleProblem:
+    """What every analytic problem shares: its name and seed, the guidance branches and scales, the latent grid
+    (``frames`` x ``h`` x ``w``, set by each problem) and the seed of the initial noise."""
 
     name: str
     seed: int
-    frames: int = 9
-    context: tuple[int, int] = (5, 2)
-    components: int = 12
-    scale: float = 1.0
-    lo: float = -1.5
     branches: tuple[str, ...] = ("P",)
     text_cfg: float = 1.0
     emo_cfg: float = 1.0
     h: int = 4
     w: int = 4
     noise_seed: int = 0
+
+    @property
+    def shape(self):
+        return (1, 16, self.frames, self.h, self.w)
+
+
+@dataclass
+class MixtureProblem(OracleProblem):
+    """Low-rank mode structure over all frames (means differ along a few smooth directions whose norms set at
+    which noise level each choice is made), per-channel data scales 10**lo .. 1, conditional weights per window."""
+
+    frames: int = 9
+    context: tuple[int, int] = (5, 2)
+    components: int = 12
+    scale: float = 1.0
+    lo: float = -1.5
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -128,10 +139,6 @@ class MixtureProblem:
         }
         self.coefficients = _coefficients(self.branches, self.text_cfg, self.emo_cfg)
 
-    @property
-    def shape(self):
-        return (1, 16, self.frames, self.h, self.w)
-
     def branch_velocities(self, x, s, window):
         key = window.start
         if key not in self._cache:
@@ -145,13 +152,11 @@ class MixtureProblem:
 
 
 @dataclass
-class VideoProblem:
+class VideoProblem(OracleProblem):
     """A global mode per clip (identity: spans every frame) plus an independent local mode per latent frame
     (expression); branch P weights the local modes from a per-frame driving signal, E and U uniformly, U also
     weights the global modes differently (the negative prompt)."""
 
-    name: str
-    seed: int
     frames: int = 13
     context: tuple[int, int] = (5, 2)
     global_modes: int = 4
@@ -160,12 +165,6 @@ class VideoProblem:
     local_scale: float = 2.0
     lo: float = -1.5
     drive: float = 3.0
-    branches: tuple[str, ...] = ("P",)
-    text_cfg: float = 1.0
-    emo_cfg: float = 1.0
-    h: int = 4
-    w: int = 4
-    noise_seed: int = 0
 
     def __post_init__(self):
         g = torch.Generator().manual_seed(self.seed)
@@ -186,10 +185,6 @@ class VideoProblem:
         uniform = torch.full((F, Kl), -math.log(Kl), dtype=torch.float64)
         self.log_l = {"P": torch.log_softmax(self.drive * signal / signal.std(), 1), "E": uniform, "U": uniform}
         self.coefficients = _coefficients(self.branches, self.text_cfg, self.emo_cfg)
-
-    @property
-    def shape(self):
-        return (1, 16, self.frames, self.h, self.w)
 
     def branch_velocities(self, x, s, window):
         """The same as :meth:`branch_velocities_direct`, with the squared distances expanded (one matrix product
@@ -236,20 +231,12 @@ class VideoProblem:
 
 
 @dataclass
-class ElementwiseProblem:
+class ElementwiseProblem(OracleProblem):
     """Every latent element its own two-mode mixture (+-m, std tau), m varying smoothly over frames."""
 
-    name: str
-    seed: int
     frames: int = 11
     context: tuple[int, int] = (5, 2)
     tau: float = 0.2
-    branches: tuple[str, ...] = ("P",)
-    text_cfg: float = 1.0
-    emo_cfg: float = 1.0
-    h: int = 4
-    w: int = 4
-    noise_seed: int = 0
 
     def __post_init__(self):
         g = torch.Generator().manual_seed(self.seed)
@@ -259,10 +246,6 @@ class ElementwiseProblem:
         self.windows = context_windows(self.frames, *self.context)
         self.logit = {"P": 1.5, "E": 0.0, "U": -0.5}  # log odds of the + mode per branch
         self.coefficients = _coefficients(self.branches, self.text_cfg, self.emo_cfg)
-
-    @property
-    def shape(self):
-        return (1, 16, self.frames, self.h, self.w)
 
     def branch_velocities(self, x, s, window):
         x = x.double()[0]
@@ -321,7 +304,7 @@ def mixture_problem(seed: int) -> MixtureProblem:
     frames, context = rng.choice([(9, (5, 2)), (13, (7, 3)), (13, (5, 2))])
     kw = _family_kwargs(rng, fam)
     name = f"mixture{seed}-{fam}{'-g%g' % kw['emo_cfg'] if kw else ''}-F{frames}"
-    return MixtureProblem(name, seed, frames, context, K, scale, lo, **kw)
+    return MixtureProblem(name, seed, frames=frames, context=context, components=K, scale=scale, lo=lo, **kw)
 
 
 def video_problem(seed: int) -> VideoProblem:
@@ -332,7 +315,8 @@ def video_problem(seed: int) -> VideoProblem:
     frames, context = rng.choice([(13, (5, 2)), (17, (7, 3)), (21, (9, 4))])
     kw = _family_kwargs(rng, fam)
     name = f"video{seed}-{fam}{'-g%g' % kw['emo_cfg'] if kw else ''}-F{frames}"
-    return VideoProblem(name, seed, frames, context, kg, kl, gs, ls, lo, drive, **kw)
+    return VideoProblem(name, seed, frames=frames, context=context, global_modes=kg, local_modes=kl,
+                        global_scale=gs, local_scale=ls, lo=lo, drive=drive, **kw)
 
 
 def elementwise_problem(seed: int) -> ElementwiseProblem:

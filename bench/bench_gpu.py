@@ -105,13 +105,10 @@ def random_module(build, device: torch.device, dtype: torch.dtype, seed: int = 0
     """
     from accelerate import init_empty_weights
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with init_empty_weights(include_buffers=False):
-            module = build()
-    finally:
-        torch.set_default_dtype(previous)
+    from flashportrait.memory import default_dtype
+
+    with default_dtype(dtype), init_empty_weights(include_buffers=False):
+        module = build()
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     module = module.to_empty(device=device)
     for name, value in buffers.items():

@@ -105,15 +105,11 @@ def _block_inputs(frames: int, grid_h: int, grid_w: int, dtype: torch.dtype, bat
 def _build_block(dtype: torch.dtype, fake: bool = False):
     """The released block with random weights, built without a float32 copy (meta -> empty -> fill in place);
     ``fake``: built directly (inside ``FakeTensorMode``: no memory, no values)."""
+    from flashportrait.memory import default_dtype
     from flashportrait.models.transformer import FlashPortraitTransformerBlock
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with contextlib.nullcontext() if fake else torch.device("meta"):
-            block = FlashPortraitTransformerBlock(**_block_config())
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(dtype), contextlib.nullcontext() if fake else torch.device("meta"):
+        block = FlashPortraitTransformerBlock(**_block_config())
     if fake:
         return block.eval().requires_grad_(False)
     block = block.to_empty(device="cpu").eval().requires_grad_(False)
@@ -169,18 +165,14 @@ def account_model(variant: str, frames: int, latent_h: int, latent_w: int, batch
     """Peak bytes of a whole 1-block FlashPortrait model forward (released widths, bf16) under FakeTensorMode."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from flashportrait.memory import TensorMemoryTracker
+    from flashportrait.memory import TensorMemoryTracker, default_dtype
     from flashportrait.models.transformer import FlashPortraitTransformer3DModel
 
     use_variant(variant)
     dtype = torch.bfloat16
     with FakeTensorMode():
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
+        with default_dtype(dtype):
             model = FlashPortraitTransformer3DModel(**dict(WAN_I2V_14B_CONFIG, num_layers=1))
-        finally:
-            torch.set_default_dtype(previous)
         args = (
             torch.randn(batch, 36, frames, latent_h, latent_w, dtype=dtype),
             torch.full((batch,), 500.0),

@@ -34,6 +34,7 @@ from .windows import video_frames_for_latent_frames
 
 __all__ = [
     "GPU_MEMORY_MODES",
+    "default_dtype",
     "configure_memory",
     "enable_group_offload",
     "onloaded",
@@ -640,6 +641,18 @@ def plan_pipeline_memory(
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """``torch.set_default_dtype(dtype)`` inside the block, the previous default restored after (also on an error):
+    modules built inside get their floating-point parameters in ``dtype`` without a float32 copy first."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class TensorMemoryTracker(TorchDispatchMode):

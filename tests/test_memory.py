@@ -21,6 +21,7 @@ from flashportrait.memory import (
     SAMPLING_STATE_TENSORS,
     TensorMemoryTracker,
     configure_memory,
+    default_dtype,
     enable_group_offload,
     onloaded,
     plan_sampling_memory,
@@ -113,12 +114,8 @@ def _fake_forward_peak(config: dict, frames: int, lh: int, lw: int, dtype: torch
     from flashportrait.models.transformer import FlashPortraitTransformer3DModel
 
     with FakeTensorMode():
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
+        with default_dtype(dtype):
             model = FlashPortraitTransformer3DModel(**dict(config, num_layers=1))
-        finally:
-            torch.set_default_dtype(previous)
         args = (torch.randn(1, 36, frames, lh, lw, dtype=dtype), torch.full((1,), 500.0),
                 torch.randn(1, 512, config["text_dim"], dtype=dtype), torch.randn(1, 257, config["image_dim"], dtype=dtype),
                 torch.randn(1, frames, 97, 2048, dtype=dtype), torch.ones(1))
