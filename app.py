@@ -32,28 +32,11 @@ ELEM_IDS = ("reference", "driving", "prompt", "preview-button", "generate", "can
 
 
 def fast_call_kwargs(args) -> dict:
-    """Pipeline keyword arguments of the accelerated sampler for ``--fast``.
+    """Pipeline keyword arguments of the accelerated sampler for ``--fast``: ALP with its measured defaults
+    (:class:`flashportrait.alp.ALPConfig`, 6 of 30 model evaluations per window; see ``fast_infer.py``)."""
+    from flashportrait.alp import ALPConfig
 
-    Raises:
-        ValueError: the accelerated sampler (``flashportrait/alp.py``) is not in this version.
-    """
-    try:
-        from flashportrait import alp
-    except ImportError:
-        alp = None
-    if alp is None or not hasattr(alp, "ALPConfig"):
-        raise ValueError("--fast: the accelerated sampler (flashportrait/alp.py) is not available yet in this "
-                         "version; run without --fast")
-    import inspect
-
-    from flashportrait.pipeline import FlashPortraitPipeline
-
-    if "alp" not in inspect.signature(FlashPortraitPipeline.__call__).parameters:
-        raise ValueError("--fast: the pipeline does not take the accelerated sampler (alp=) yet in this version; "
-                         "run without --fast")
-    config_from_args = getattr(alp, "config_from_args", None)
-    config = config_from_args(args) if config_from_args is not None else alp.ALPConfig()
-    return {"alp": config}
+    return {"alp": ALPConfig()}
 
 
 def check_start_inputs(args) -> None:

@@ -315,21 +315,10 @@ def test_app_flags_are_infer_flags_plus_the_server(tmp_path):
     assert (args.context_size, args.emo_cfg_scale, args.share, args.port) == (3, 3.0, True, 9000)
     with pytest.raises(ValueError, match="app.py writes one file per run into --save_path"):
         app_script.check_start_inputs(app_script.parse_args(["--tiny", "--output", "x.mp4"]))
-    import inspect
+    from flashportrait.alp import ALPConfig
 
-    from flashportrait.pipeline import FlashPortraitPipeline
-
-    try:
-        from flashportrait import alp
-        ready = hasattr(alp, "ALPConfig") and "alp" in inspect.signature(FlashPortraitPipeline.__call__).parameters
-    except ImportError:
-        ready = False
     fast = app_script.parse_args(["--tiny", "--fast"])
-    if ready:
-        assert isinstance(app_script.fast_call_kwargs(fast)["alp"], alp.ALPConfig)
-    else:  # the accelerated sampler is not in this version yet: a clear refusal, before any model loads
-        with pytest.raises(ValueError, match=r"--fast: the (accelerated sampler|pipeline) .* yet in this version"):
-            app_script.fast_call_kwargs(fast)
+    assert app_script.fast_call_kwargs(fast) == {"alp": ALPConfig()}
 
 
 def test_page_builds_with_one_job_at_a_time(demo, media):
@@ -344,3 +333,25 @@ def test_page_builds_with_one_job_at_a_time(demo, media):
     assert all(fn.concurrency_limit == 1 and fn.concurrency_id == "gpu" for fn in runs)
     cancel = next(fn for fn in page.fns.values() if getattr(fn.fn, "__name__", "") == "on_cancel")
     assert not cancel.queue  # cancel never waits behind the job it stops
+
+
+def test_fast_app_samples_with_alp_and_records_it(media, tmp_path):
+    """``app.py --fast``: every run passes ``alp=ALPConfig()`` to the pipeline (fewer transformer calls than steps x
+    windows) and the settings JSON records the ALP configuration."""
+    import app as app_script
+    from flashportrait.alp import ALPConfig
+    from flashportrait.factory import tiny_pipeline
+
+    args = app_script.parse_args([*TINY_FLAGS, "--fast"])
+    pipe = tiny_pipeline(args.seed)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    fast = DemoApp(pipe, args, outputs_dir=tmp_path / "outputs", upload_root=tmp_path / "uploads",
+                   model_description="tiny", call_kwargs=app_script.fast_call_kwargs(args))
+    image, video = upload(fast, media["reference"], "f"), upload(fast, media["talk"], "f")
+    out, files, status = fast.on_generate(image, video, *values(fast, num_inference_steps=6), session="f",
+                                          progress=lambda fraction, desc: None)
+    assert status.startswith("**Done:**"), status
+    record = json.loads(Path(files[1]).read_text())
+    assert record["settings"]["alp"]["importance"] == ALPConfig().importance  # the shipped defaults
+    assert 0 < len(calls) < 6 * record["plan"]["windows"]  # a full run calls the transformer once per window-step
