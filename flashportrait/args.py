@@ -217,8 +217,8 @@ def add_alp_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("acceleration (Adaptive Latent Prediction; the released 4-step LoRA)")
     g.add_argument("--no_alp", action="store_true", help="evaluate the model at every step (no forecasting)")
     g.add_argument("--alp_mode", choices=FORECAST_MODES, default=None,
-                   help="newton (default): exact polynomial extrapolation of the data prediction; paper: the "
-                   "paper's printed Taylor formula (its ablation)")
+                   help="newton (default): exact polynomial extrapolation of the velocity or the data prediction "
+                   "(chosen per interval); paper: the paper's printed Taylor formula (its ablation)")
     g.add_argument("--alp_order", type=int_at_least(0), default=None, help="forecast order (default 1; the paper: 3)")
     g.add_argument("--alp_interval", type=int_at_least(1), default=None,
                    help="fixed grid: evaluate every N-th step after the warm-up, and the last step")
