@@ -44,7 +44,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +55,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .atomic import atomic_write_text
 from .config import MAX_RELEASED_SIZE, VAE_TEMPORAL_FACTOR
 from .guidance import plan_guidance
 from .sampling import SAMPLERS, make_scheduler
@@ -875,13 +875,4 @@ def _sha256(path) -> str:
 
 def _write_json(path: Path, data: dict) -> None:
     """Write ``data`` as JSON atomically (temporary file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json.partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

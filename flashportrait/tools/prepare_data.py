@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flashportrait.atomic import atomic_write_text
 from flashportrait.config import TRAIN_BUCKETS, TRAIN_PATH_LISTS, TRAIN_PROMPTS
 from flashportrait.training.buckets import parse_resolution
 from flashportrait.training.data import (
@@ -101,10 +102,7 @@ def _marker(out_dir: Path, cid: str) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def prepare_video(video: Path, clip_dir: Path, bucket_size: tuple[int, int], motion_encoder, masker_factory, *,
@@ -170,12 +168,8 @@ def write_path_lists(out_dir: Path) -> dict[str, int]:
         else:
             skipped.append(f"{data['video']}\t{data['reason']}")
     for bucket, name in TRAIN_PATH_LISTS.items():
-        tmp = out_dir / (name + ".partial")
-        tmp.write_text("".join(line + "\n" for line in sorted(done[bucket])))
-        os.replace(tmp, out_dir / name)
-    tmp = out_dir / (SKIPPED_FILE + ".partial")
-    tmp.write_text("".join(line + "\n" for line in sorted(skipped)))
-    os.replace(tmp, out_dir / SKIPPED_FILE)
+        atomic_write_text(out_dir / name, "".join(line + "\n" for line in sorted(done[bucket])))
+    atomic_write_text(out_dir / SKIPPED_FILE, "".join(line + "\n" for line in sorted(skipped)))
     return {b: len(v) for b, v in done.items()}
 
 

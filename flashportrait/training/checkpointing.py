@@ -11,9 +11,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_text
 
 __all__ = [
     "TRAIN_INFO_FILE",
@@ -93,12 +94,7 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) ->
 
 def write_train_info(folder: str | os.PathLike, info: dict[str, Any]) -> None:
     """Write :data:`TRAIN_INFO_FILE` atomically (its presence marks the checkpoint complete)."""
-    folder = Path(folder)
-    fd, tmp = tempfile.mkstemp(prefix=".train_info.", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=1, default=list)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / TRAIN_INFO_FILE)
+    atomic_write_text(Path(folder) / TRAIN_INFO_FILE, json.dumps(info, indent=1, default=list))
 
 
 def read_train_info(folder: str | os.PathLike) -> dict[str, Any] | None:

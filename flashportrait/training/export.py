@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_path
 from .checkpointing import read_train_info
 from .trainable import trainable_parameter_names
 
@@ -176,21 +176,13 @@ def materialize(value: Any, dtype: torch.dtype | None) -> torch.Tensor:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, safetensors: bool) -> Path:
     """Write atomically (temp file in the same folder, then rename): ``torch.save`` or safetensors."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if safetensors:
             from safetensors.torch import save_file
 
             save_file(tensors, tmp, metadata={"format": "pt"})
         else:
             torch.save(tensors, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
